@@ -1,0 +1,1 @@
+from pumice.runtime import *  # noqa
