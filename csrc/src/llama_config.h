@@ -8,6 +8,9 @@
 namespace pumice {
 
 struct LlamaConfig {
+    // "llama", or "tensors": a file of tensors only (kernel tests, benchmarks). A "tensors"
+    // config has zero sizes; a backend then serves linear_apply only and refuses sessions.
+    std::string architecture = "llama";
     int32_t vocab_size = 0;
     int32_t hidden_size = 0;
     int32_t intermediate_size = 0;
@@ -28,7 +31,10 @@ struct LlamaConfig {
     bool attention_bias = false;
     bool mlp_bias = false;
 
-    // Reads metadata["config"]; throws FormatError / UnsupportedError with the offending key.
+    bool tensors_only() const { return architecture == "tensors"; }
+
+    // Reads metadata["architecture"] and metadata["config"] (not needed for "tensors"); throws
+    // FormatError / UnsupportedError naming the offending key.
     static LlamaConfig from_metadata(const Json &metadata);
     // Inverse frequencies of RoPE (head_dim / 2 values) with any scaling applied.
     void rope_inv_freq(float *out) const;

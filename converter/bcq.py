@@ -1,0 +1,362 @@
+"""ShiftAddLLM-style binary-coded quantization (BCQ) with power-of-two scales: the `bcq` kind.
+
+Each row n of a weight W [N, K] is cut into groups of g columns; a group is
+
+    W[n, group] ≈ s_n · Σ_{i<q} 2^{e_i} · B_i,      B_i ∈ {−1, +1}^g,  e_i ∈ [−64, 63] integers
+
+with one f16 scale s_n per row (docs/BCQ.md says why it is there and what it costs). With the
+exponents fixed, a group's 2^q possible values Σ ±2^{e_i} form a per-row-group grid, and the
+multiply by each α becomes a shift (an exponent add) in the LUT GEMM kernel.
+
+Fitting, per layer (docs/BCQ.md has the reasoning and measured numbers):
+
+1. Row scales: a quick float BCQ fit of the whole matrix (greedy, then alternating least
+   squares) gives float α's; s_n is the f16 power-of-two offset 2^f (f in [0, 1) on a grid plus
+   an integer centring shift) that makes log2(α / s_n) closest to integers, weighted by α².
+2. Sequential quantization, group by group along K, under the multi-objective
+   ‖ΔW‖²·λ/K + tr(ΔW H ΔWᵀ)/tr(H): both terms are quadratic forms, so their sum is one,
+   H_mix = H / mean(diag H) + λ I, and the GPTQ/OBS recipe applies. At each group start, the
+   group's α's are refit (greedy + ALS) on the error-compensated weights, rounded to powers of
+   two, and the exponents polished by coordinate descent (each e_i ± 1, kept if the group error
+   falls); then column by column every weight takes its nearest grid value and the column's
+   error is spread over the not yet quantized columns through the Cholesky factor of H_mix⁻¹.
+   Without a Hessian, H_mix = I and this is plain per-group ALS (weight objective only).
+3. Mixed precision (`allocate_bits`): every layer is fitted at each candidate q; the output
+   error tr(ΔW H ΔWᵀ) of each is the cost, and a Lagrangian search over the trade-off picks one
+   q per layer so that the average stored bits per weight (planes + exponents + row scales,
+   padding included) meets the budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from pumice.format.kind_bcq import (MAX_EXPONENT, MIN_EXPONENT, pack_bcq,
+                                    stored_bits_per_weight)
+
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_CANDIDATE_BITS = (2, 3, 4)
+DEFAULT_WEIGHT_OBJECTIVE = 0.1   # λ of the multi-objective (weight error vs output error)
+DEFAULT_ALS_STEPS = 4
+DEFAULT_EXPONENT_SWEEPS = 2
+DAMPING = 0.01                   # relative damping of H, as GPTQ
+_F16_MAX = 65504.0
+_ROW_SCALE_GRID = 32
+
+
+@dataclass
+class BcqFit:
+    """One fitted matrix: signs [q, N, K] bool, exponents [N, G, q] int8, row scales [N] f16."""
+    bits: int
+    group_size: int
+    signs: torch.Tensor
+    exponents: torch.Tensor
+    row_scales: torch.Tensor
+    weight_error: float = 0.0          # ‖W − Ŵ‖²_F / ‖W‖²_F
+    output_error: float | None = None  # tr(ΔW H ΔWᵀ) (absolute: comparable across layers)
+    relative_output_error: float | None = None  # the same over tr(W H Wᵀ)
+    stats: dict = field(default_factory=dict)
+
+    def reconstruct(self) -> torch.Tensor:
+        return reconstruct(self.signs, self.exponents, self.row_scales, self.group_size)
+
+    def parts(self) -> dict[str, np.ndarray]:
+        return pack_bcq(self.signs.numpy(), self.exponents.numpy(),
+                        self.row_scales.numpy(), self.group_size)
+
+    def params(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+    def bits_per_weight(self) -> float:
+        q, n, k = self.signs.shape
+        return stored_bits_per_weight(n, k, q, self.group_size)
+
+
+def reconstruct(signs: torch.Tensor, exponents: torch.Tensor, row_scales: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """Ŵ (float32 [N, K]) from the factors; the definition of docs/FORMAT.md `bcq`."""
+    q, n, k = signs.shape
+    column_group = torch.arange(k) // group_size
+    alpha = torch.ldexp(torch.ones(()), exponents.to(torch.int32).float())  # [N, G, q]
+    alpha = alpha * row_scales.float()[:, None, None]
+    pm = signs.float() * 2 - 1  # [q, N, K]
+    return torch.einsum("qnk,nkq->nk", pm, alpha[:, column_group, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces: sign patterns, grids, float BCQ on groups.
+
+def _sign_patterns(q: int) -> torch.Tensor:
+    """[2^q, q] of ±1: row m has +1 at plane i iff bit i of m is set."""
+    m = torch.arange(1 << q)[:, None]
+    return ((m >> torch.arange(q)) & 1).float() * 2 - 1
+
+
+def _nearest(w: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest grid value per weight. w [..., g], alpha [..., q] -> (index [..., g], value)."""
+    levels = alpha @ patterns.T  # [..., 2^q]
+    index = (w[..., :, None] - levels[..., None, :]).abs().argmin(-1)
+    return index, torch.gather(levels, -1, index)
+
+
+def _float_bcq(w: torch.Tensor, q: int, steps: int, patterns: torch.Tensor) -> torch.Tensor:
+    """Float α ([..., q], ≥ 0, descending at init) for groups w [..., g]: greedy, then ALS."""
+    residual = w.clone()
+    alphas = []
+    for _ in range(q):
+        a = residual.abs().mean(-1, keepdim=True)
+        alphas.append(a)
+        residual = residual - a * torch.where(residual >= 0, 1.0, -1.0)
+    alpha = torch.cat(alphas, -1)
+    eye = torch.eye(q) * 1e-6
+    for _ in range(steps):
+        index, _ = _nearest(w, alpha, patterns)
+        b = patterns[index]  # [..., g, q]
+        gram = b.transpose(-1, -2) @ b + eye
+        rhs = (b.transpose(-1, -2) @ w[..., None])[..., 0]
+        solved = torch.linalg.solve(gram, rhs)
+        ok = torch.isfinite(solved).all(-1, keepdim=True)
+        alpha = torch.where(ok, solved.abs(), alpha)
+    return alpha
+
+
+def _pow2_exponents(alpha: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """round(log2(α / s)) clamped to the format's range; α = 0 maps to the smallest scale."""
+    ratio = alpha / row_scale
+    e = torch.round(torch.log2(ratio.clamp_min(2.0 ** (MIN_EXPONENT - 1))))
+    return e.clamp(MIN_EXPONENT, MAX_EXPONENT)
+
+
+def _group_error(w, alpha, patterns):
+    _, value = _nearest(w, alpha, patterns)
+    return ((w - value) ** 2).sum(-1)
+
+
+def _fit_exponents(w: torch.Tensor, row_scale: torch.Tensor, q: int, steps: int, sweeps: int,
+                   patterns: torch.Tensor) -> torch.Tensor:
+    """Power-of-two exponents [..., q] for groups w [..., g] (row_scale broadcast as [..., 1])."""
+    alpha = _float_bcq(w, q, steps, patterns)
+    e = _pow2_exponents(alpha, row_scale)
+    err = _group_error(w, row_scale * torch.exp2(e), patterns)
+    for _ in range(sweeps):
+        for i in range(q):
+            for delta in (-1.0, 1.0):
+                trial = e.clone()
+                trial[..., i] = (trial[..., i] + delta).clamp(MIN_EXPONENT, MAX_EXPONENT)
+                trial_err = _group_error(w, row_scale * torch.exp2(trial), patterns)
+                better = trial_err < err
+                e = torch.where(better[..., None], trial, e)
+                err = torch.where(better, trial_err, err)
+    return e
+
+
+def _row_scales(w: torch.Tensor, q: int, group_size: int, steps: int,
+                patterns: torch.Tensor) -> torch.Tensor:
+    """f16 row scales [N] that put the rows' float α's nearest to powers of two."""
+    n, k = w.shape
+    groups = -(-k // group_size)
+    padded = torch.zeros(n, groups * group_size)
+    padded[:, :k] = w
+    alpha = _float_bcq(padded.view(n, groups, group_size), q, steps, patterns).reshape(n, -1)
+    log_alpha = torch.log2(alpha.clamp_min(1e-30))
+    weight = alpha ** 2
+    offsets = torch.arange(_ROW_SCALE_GRID) / _ROW_SCALE_GRID  # candidate fractional parts
+    frac = log_alpha[:, None, :] - offsets[None, :, None]
+    cost = ((frac - torch.round(frac)) ** 2 * weight[:, None, :]).sum(-1)  # [N, grid]
+    best = offsets[cost.argmin(-1)]
+    # Centre the integer part on the row's largest α so exponents stay small.
+    top = torch.floor(log_alpha.amax(-1) - best)
+    scale = torch.exp2(best + top).clamp(2.0 ** -14, _F16_MAX).to(torch.float16)
+    return torch.where(alpha.amax(-1) > 0, scale, torch.ones_like(scale))
+
+
+def _mixed_hessian(hessian: torch.Tensor, weight_objective: float) -> torch.Tensor:
+    h = hessian.double().clone()
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    mean = torch.diagonal(h).mean()
+    h = h / mean
+    h += torch.eye(h.shape[0], dtype=h.dtype) * (weight_objective + DAMPING)
+    return h
+
+
+def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """U upper-triangular with UᵀU = H⁻¹ (what GPTQ's column-by-column update uses)."""
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(h)
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True).float()
+        except RuntimeError:
+            h = h + torch.eye(h.shape[0], dtype=h.dtype) * torch.diagonal(h).mean() * 10.0 ** (attempt - 3)
+    raise ValueError("the Hessian is not positive definite even after damping")
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-layer fit.
+
+def quantize_bcq(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
+                 hessian: torch.Tensor | None = None,
+                 weight_objective: float = DEFAULT_WEIGHT_OBJECTIVE,
+                 als_steps: int = DEFAULT_ALS_STEPS,
+                 exponent_sweeps: int = DEFAULT_EXPONENT_SWEEPS,
+                 row_scales: bool = True) -> BcqFit:
+    """Fit one weight matrix [N, K] (see the module docstring). `hessian`: E[x xᵀ] [K, K]."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bcq bits must be in 1..8, got {bits}")
+    if group_size % 8 or not 8 <= group_size <= 1024:
+        raise ValueError(f"bcq group_size must be a multiple of 8 in 8..1024, got {group_size}")
+    w_orig = weight.detach().float().cpu()
+    if w_orig.dim() != 2:
+        raise ValueError(f"bcq quantizes matrices, got shape {list(w_orig.shape)}")
+    if not torch.isfinite(w_orig).all():
+        raise ValueError("weights contain NaN or infinity")
+    n, k = w_orig.shape
+    groups = -(-k // group_size)
+    patterns = _sign_patterns(bits)
+
+    if row_scales:
+        scale16 = _row_scales(w_orig, bits, group_size, als_steps, patterns)
+    else:
+        scale16 = torch.ones(n, dtype=torch.float16)
+    scale = scale16.float()[:, None]
+
+    w = w_orig.clone()
+    u = None
+    if hessian is not None:
+        h = hessian.detach().double().cpu()
+        if h.shape != (k, k):
+            raise ValueError(f"Hessian shape {list(h.shape)} does not match K = {k}")
+        u = _upper_inverse_cholesky(_mixed_hessian(h, weight_objective))
+
+    index = torch.zeros(n, k, dtype=torch.long)
+    exponents = torch.zeros(n, groups, bits)
+    for gi in range(groups):
+        c0, c1 = gi * group_size, min(k, (gi + 1) * group_size)
+        e = _fit_exponents(w[:, c0:c1], scale, bits, als_steps, exponent_sweeps, patterns)
+        exponents[:, gi] = e
+        alpha = scale * torch.exp2(e)          # [N, q]
+        levels = alpha @ patterns.T            # [N, 2^q]
+        if u is None:
+            idx, _ = _nearest(w[:, c0:c1], alpha, patterns)
+            index[:, c0:c1] = idx
+            continue
+        block_err = torch.zeros(n, c1 - c0)
+        for j in range(c0, c1):
+            col = w[:, j]
+            idx = (col[:, None] - levels).abs().argmin(-1)
+            value = levels.gather(1, idx[:, None])[:, 0]
+            index[:, j] = idx
+            err = (col - value) / u[j, j]
+            block_err[:, j - c0] = err
+            if j + 1 < c1:
+                w[:, j + 1:c1] -= err[:, None] * u[j, j + 1:c1][None, :]
+        if c1 < k:
+            w[:, c1:] -= block_err @ u[c0:c1, c1:]
+
+    signs = ((index[None, :, :] >> torch.arange(bits)[:, None, None]) & 1).bool()  # [q, N, K]
+    fit = BcqFit(bits, group_size, signs, exponents.to(torch.int8), scale16)
+    w_hat = fit.reconstruct()
+    delta = w_hat - w_orig
+    fit.weight_error = float((delta ** 2).sum() / (w_orig ** 2).sum().clamp_min(1e-30))
+    if hessian is not None:
+        hf = hessian.float()
+        fit.output_error = float(((delta @ hf) * delta).sum())
+        fit.relative_output_error = fit.output_error / max(float(((w_orig @ hf) * w_orig).sum()), 1e-30)
+    else:
+        fit.output_error = float((delta ** 2).sum())
+    return fit
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision.
+
+def allocate_bits(costs: Mapping[str, Mapping[int, float]], shapes: Mapping[str, tuple[int, int]],
+                  budget: float, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
+    """One q per layer minimising Σ cost[layer][q] with mean stored bits/weight ≤ budget.
+
+    A Lagrangian search: each layer takes argmin cost + μ·bits for a trade-off μ found by
+    bisection, then the spare budget upgrades the layers with the best cost drop per bit.
+    """
+    names = list(costs)
+    numel = {name: shapes[name][0] * shapes[name][1] for name in names}
+    total = sum(numel.values())
+    size = {name: {q: stored_bits_per_weight(*shapes[name], q, group_size) * numel[name]
+                   for q in costs[name]} for name in names}
+    limit = budget * total
+
+    def pick(mu: float) -> dict[str, int]:
+        return {name: min(costs[name], key=lambda q: (costs[name][q] + mu * size[name][q], q))
+                for name in names}
+
+    def used(choice):
+        return sum(size[name][choice[name]] for name in names)
+
+    smallest = {name: min(costs[name]) for name in names}
+    if used(smallest) > limit * (1 + 1e-12):
+        raise ValueError(f"a budget of {budget} bits/weight is below the smallest candidate "
+                         f"({used(smallest) / total:.3f} bits/weight with all overhead)")
+    lo, hi = 0.0, 1.0
+    while used(pick(hi)) > limit:
+        hi *= 4.0
+        if hi > 1e30:
+            break
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if used(pick(mid)) > limit:
+            lo = mid
+        else:
+            hi = mid
+    choice = pick(hi)
+    # Spend what is left, best error reduction per extra bit first.
+    while True:
+        spare = limit - used(choice)
+        best = None
+        for name in names:
+            for q in costs[name]:
+                extra = size[name][q] - size[name][choice[name]]
+                gain = costs[name][choice[name]] - costs[name][q]
+                if 0 < extra <= spare and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, name, q)
+        if best is None:
+            return choice
+        choice[best[1]] = best[2]
+
+
+def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
+                    names: list[str], hessians: Mapping[str, torch.Tensor] | None,
+                    bits: float, group_size: int = DEFAULT_GROUP_SIZE,
+                    candidates: tuple[int, ...] = DEFAULT_CANDIDATE_BITS,
+                    progress: bool = False, **options) -> dict[str, BcqFit]:
+    """Fit every named layer; an integral `bits` in `candidates` fits every layer at that q,
+    anything else runs the mixed-precision allocation under the budget `bits`."""
+    get = weights if callable(weights) else weights.__getitem__
+    uniform = float(bits).is_integer() and int(bits) in candidates and not options.pop("mixed", False)
+    tried = (int(bits),) if uniform else tuple(candidates)
+    fits: dict[str, dict[int, BcqFit]] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(names) * len(tried), desc=f"bcq {bits} bits", unit="fit", leave=False)
+    for name in names:
+        w = get(name)
+        h = None if hessians is None else hessians.get(name)
+        fits[name] = {}
+        for q in tried:
+            fits[name][q] = quantize_bcq(w, q, group_size, h, **options)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if uniform:
+        return {name: fits[name][int(bits)] for name in names}
+    costs = {name: {q: fit.output_error for q, fit in fits[name].items()} for name in names}
+    shapes = {name: tuple(fits[name][tried[0]].signs.shape[1:]) for name in names}
+    choice = allocate_bits(costs, shapes, bits, group_size)
+    return {name: fits[name][choice[name]] for name in names}

@@ -1,0 +1,234 @@
+// attention.cu — decode attention over f16 KV caches, split over the context (flash-decoding).
+//
+// Block (split s, kv head, column): the G query heads that share the kv head walk their slice
+// of the context in sub-chunks of 64 positions: scores (D/8 lanes per key, 16-byte loads),
+// an exact softmax update with a running max, then P·V (D/8 lanes per value row, position
+// groups across the rest of the block). The slices' (max, sum, unnormalized output) are merged
+// by a second small kernel. Lengths come from device memory, so the grid (sized for `splits`)
+// is fixed and the launch can live in a CUDA graph.
+#include <cuda_fp16.h>
+
+#include <cfloat>
+
+#include "cuda_common.cuh"
+#include "kernels.cuh"
+
+namespace pumice {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kSub = 64;
+
+__device__ __forceinline__ int split_chunk(int len, int splits) {
+    const int c = (len + splits - 1) / splits;
+    return c < 32 ? 32 : c;
+}
+
+template <int D, int G>
+__global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttentionCall a) {
+    constexpr int LPP = D / 8;                 // lanes per key row
+    constexpr int NPG = kThreads / LPP;        // keys per pass / position groups in P·V
+    __shared__ float sc[G][kSub];
+    __shared__ float alpha_s[G], m_s[G], l_s[G];
+    __shared__ float red[NPG][G][D];
+
+    const int split = blockIdx.x, kvh = blockIdx.y, col = blockIdx.z;
+    const StepColumn c = a.cols[col];
+    const int len = c.pos + 1;
+    const int chunk = split_chunk(len, a.splits);
+    const int start = split * chunk;
+    if (start >= len) return;
+    const int end = min(len, start + chunk);
+
+    const int tid = threadIdx.x;
+    const int dl = tid % LPP;   // which 8 dims
+    const int kp = tid / LPP;   // key slot in a pass / position group
+
+    const __half *kbase = c.cache + ((static_cast<int64_t>(a.layer) * 2 * a.n_kv_heads + kvh) * c.n_ctx) * D;
+    const __half *vbase = c.cache + (((static_cast<int64_t>(a.layer) * 2 + 1) * a.n_kv_heads + kvh) * c.n_ctx) * D;
+
+    // Queries, pre-scaled so that scores are in log2 units.
+    const float qscale = rsqrtf(static_cast<float>(D)) * 1.4426950408889634f;
+    float q[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const __half *qp = a.q + col * a.ldq + static_cast<int64_t>(kvh * G + g) * D + dl * 8;
+        const uint4 raw = *reinterpret_cast<const uint4 *>(qp);
+        const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(h2[e]);
+            q[g][2 * e] = f.x * qscale;
+            q[g][2 * e + 1] = f.y * qscale;
+        }
+    }
+    if (tid < G) { m_s[tid] = -FLT_MAX; l_s[tid] = 0.f; }
+
+    float acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+
+    const int warp = tid / 32, lane = tid % 32;
+    for (int sub = start; sub < end; sub += kSub) {
+        // Scores of this sub-chunk: LPP lanes per key, 16-byte loads.
+#pragma unroll
+        for (int p0 = 0; p0 < kSub; p0 += NPG) {
+            const int p = sub + p0 + kp;
+            float dot[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) dot[g] = 0.f;
+            if (p < end) {
+                const uint4 raw = *reinterpret_cast<const uint4 *>(kbase + static_cast<int64_t>(p) * D + dl * 8);
+                const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(h2[e]);
+#pragma unroll
+                    for (int g = 0; g < G; ++g) dot[g] += q[g][2 * e] * f.x + q[g][2 * e + 1] * f.y;
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+#pragma unroll
+                for (int o = LPP / 2; o > 0; o >>= 1) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+            }
+            if (dl == 0) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) sc[g][p0 + kp] = p < end ? dot[g] : -FLT_MAX;
+            }
+        }
+        __syncthreads();
+        // Exact softmax update, one warp per head; probabilities replace the scores.
+        for (int g = warp; g < G; g += kThreads / 32) {
+            const float s0 = sc[g][lane], s1 = sc[g][lane + 32];
+            float mx = fmaxf(s0, s1);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_old = m_s[g];
+            const float m_new = fmaxf(m_old, mx);
+            const float p0v = s0 == -FLT_MAX ? 0.f : exp2f(s0 - m_new);
+            const float p1v = s1 == -FLT_MAX ? 0.f : exp2f(s1 - m_new);
+            sc[g][lane] = p0v;
+            sc[g][lane + 32] = p1v;
+            float sum = p0v + p1v;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) {
+                const float al = m_old == -FLT_MAX ? 0.f : exp2f(m_old - m_new);
+                alpha_s[g] = al;
+                m_s[g] = m_new;
+                l_s[g] = l_s[g] * al + sum;
+            }
+        }
+        __syncthreads();
+        // P·V: LPP lanes per value row, NPG position groups.
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float al = alpha_s[g];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[g][e] *= al;
+        }
+        for (int j = kp; j < kSub; j += NPG) {
+            const int p = sub + j;
+            if (p >= end) break;
+            const uint4 raw = *reinterpret_cast<const uint4 *>(vbase + static_cast<int64_t>(p) * D + dl * 8);
+            const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
+            float v[8];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 f = __half22float2(h2[e]);
+                v[2 * e] = f.x;
+                v[2 * e + 1] = f.y;
+            }
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float pw = sc[g][j];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[g][e] += pw * v[e];
+            }
+        }
+        __syncthreads();
+    }
+
+    // Merge the position groups, write this split's partial result.
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) red[kp][g][dl * 8 + e] = acc[g][e];
+    __syncthreads();
+    const int n_heads = a.n_heads;
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        float s = 0.f;
+#pragma unroll
+        for (int pg = 0; pg < NPG; ++pg) s += red[pg][g][d];
+        const int head = kvh * G + g;
+        a.partial_o[((static_cast<int64_t>(col) * n_heads + head) * a.splits + split) * D + d] = s;
+    }
+    if (tid < G) {
+        const int head = kvh * G + tid;
+        a.partial_ml[(static_cast<int64_t>(col) * n_heads + head) * a.splits + split] = make_float2(m_s[tid], l_s[tid]);
+    }
+}
+
+template <int D>
+__global__ void attention_combine_kernel(const AttentionCall a) {
+    const int head = blockIdx.x, col = blockIdx.y;
+    const int len = a.cols[col].pos + 1;
+    const int used = (len + split_chunk(len, a.splits) - 1) / split_chunk(len, a.splits);
+    const float2 *ml = a.partial_ml + (static_cast<int64_t>(col) * a.n_heads + head) * a.splits;
+    float m = -FLT_MAX;
+    for (int s = 0; s < used; ++s) m = fmaxf(m, ml[s].x);
+    const float *po = a.partial_o + (static_cast<int64_t>(col) * a.n_heads + head) * a.splits * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float num = 0.f, den = 0.f;
+        for (int s = 0; s < used; ++s) {
+            const float w = exp2f(ml[s].x - m);
+            num += w * po[s * D + d];
+            den += w * ml[s].y;
+        }
+        a.out[col * a.ldo + static_cast<int64_t>(head) * D + d] = __float2half(num / den);
+    }
+}
+
+template <int D, int G>
+void launch_split(const AttentionCall &a, cudaStream_t stream) {
+    dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.n_kv_heads), static_cast<unsigned>(a.n_cols));
+    attention_split_kernel<D, G><<<grid, kThreads, 0, stream>>>(a);
+}
+
+template <int D>
+void launch_for_dim(const AttentionCall &a, cudaStream_t stream) {
+    switch (a.n_heads / a.n_kv_heads) {
+        case 1: launch_split<D, 1>(a, stream); break;
+        case 2: launch_split<D, 2>(a, stream); break;
+        case 3: launch_split<D, 3>(a, stream); break;
+        case 4: launch_split<D, 4>(a, stream); break;
+        case 5: launch_split<D, 5>(a, stream); break;
+        case 6: launch_split<D, 6>(a, stream); break;
+        case 7: launch_split<D, 7>(a, stream); break;
+        case 8: launch_split<D, 8>(a, stream); break;
+        default: throw UnsupportedError("CUDA attention supports 1 to 8 query heads per kv head");
+    }
+    PUMICE_CUDA_CHECK_LAUNCH("attention_split");
+    dim3 grid(static_cast<unsigned>(a.n_heads), static_cast<unsigned>(a.n_cols));
+    attention_combine_kernel<D><<<grid, D, 0, stream>>>(a);
+    PUMICE_CUDA_CHECK_LAUNCH("attention_combine");
+}
+
+}  // namespace
+
+void launch_attention_decode(const AttentionCall &call, cudaStream_t stream) {
+    if (call.n_cols <= 0) return;
+    switch (call.head_dim) {
+        case 64: launch_for_dim<64>(call, stream); break;
+        case 128: launch_for_dim<128>(call, stream); break;
+        default: throw UnsupportedError("CUDA attention supports head_dim 64 and 128");
+    }
+}
+
+}  // namespace cuda
+}  // namespace pumice

@@ -1,0 +1,115 @@
+// decode.cuh — turning a lane's stored unit into f16 tensor-core A fragments (device code).
+#pragma once
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "tiled_weight.cuh"
+
+namespace pumice {
+namespace cuda {
+
+__device__ __forceinline__ uint32_t word_of(const uint4 &q, int i) {
+    return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+}
+__device__ __forceinline__ __half2 u32_as_half2(uint32_t v) { return *reinterpret_cast<__half2 *>(&v); }
+__device__ __forceinline__ uint32_t half2_as_u32(__half2 v) { return *reinterpret_cast<uint32_t *>(&v); }
+
+// The two codes of register r of k-tile t of a unit, at bits 0 and 16 (t and r are
+// compile-time constants after unrolling, so every shift and mask is an immediate).
+template <int BITS>
+__device__ __forceinline__ uint32_t code_pair(const uint4 &q, const uint2 &q1, int t, int r) {
+    if constexpr (BITS == 2 || BITS == 3) {
+        const int i = (t % 2) * 4 + r;
+        uint32_t v = (word_of(q, t / 2) >> (2 * i)) & 0x00030003u;
+        if constexpr (BITS == 3) {
+            const int j = (t % 4) * 4 + r;
+            const uint32_t w1 = (t / 4) == 0 ? q1.x : q1.y;
+            v |= ((w1 >> j) & 0x00010001u) << 2;
+        }
+        return v;
+    } else if constexpr (BITS == 4) {
+        return (word_of(q, t) >> (4 * r)) & 0x000F000Fu;
+    } else {
+        return (word_of(q, 2 * t + r / 2) >> (8 * (r % 2))) & 0x00FF00FFu;
+    }
+}
+
+// half2(c_lo, c_hi) from two small unsigned codes (< 1024) at bits 0 and 16: exact.
+__device__ __forceinline__ __half2 codes_to_half2(uint32_t pair) {
+    const __half2 biased = u32_as_half2(pair | 0x64006400u);  // 1024 + c, exactly
+    return __hsub2(biased, u32_as_half2(0x64006400u));
+}
+
+// The four A-fragment registers of k-tile t of a unit. sm = {half2(s,m) row L/4, row L/4+8}.
+template <int BITS>
+__device__ __forceinline__ void decode_ktile(const uint4 &q, const uint2 &q1, int t, uint2 sm,
+                                             uint32_t a[4]) {
+    if constexpr (BITS == 16) {
+        a[0] = q.x; a[1] = q.y; a[2] = q.z; a[3] = q.w;
+    } else {
+        const __half2 sm_lo = u32_as_half2(sm.x), sm_hi = u32_as_half2(sm.y);
+        const __half2 s_lo = __low2half2(sm_lo), m_lo = __high2half2(sm_lo);
+        const __half2 s_hi = __low2half2(sm_hi), m_hi = __high2half2(sm_hi);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const __half2 c = codes_to_half2(code_pair<BITS>(q, q1, t, r));
+            const __half2 w = (r % 2 == 0) ? __hfma2(c, s_lo, m_lo) : __hfma2(c, s_hi, m_hi);
+            a[r] = half2_as_u32(w);
+        }
+    }
+}
+
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Streaming 16-byte load that skips L1 (weights are read once per pass).
+__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 load_stream(const uint2 *p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+// One weight, for the slow paths (embedding rows): stored row `row`, input k.
+__device__ inline float weight_at(const WeightView &w, int64_t row, int64_t k) {
+    const int64_t tile = row / 16;
+    const int rho = static_cast<int>(row % 16);
+    const int ku = unit_k(w.bits);
+    const int64_t unit = k / ku;
+    const int t = static_cast<int>((k % ku) / 16), kk = static_cast<int>(k % 16);
+    const int lane = (rho % 8) * 4 + (kk % 8) / 2;
+    const int r = rho / 8 + 2 * (kk / 8), h = kk % 2;
+    const int64_t slot = (tile * w.units + unit) * 32 + lane;
+    const uint4 q = w.codes[slot];
+    if (w.bits == 16) {
+        const __half2 v = u32_as_half2(word_of(q, r));
+        return __half2float(h ? __high2half(v) : __low2half(v));
+    }
+    uint32_t pair;
+    const uint2 q1 = w.bits == 3 ? w.plane1[slot] : make_uint2(0, 0);
+    switch (w.bits) {
+        case 2: pair = code_pair<2>(q, q1, t, r); break;
+        case 3: pair = code_pair<3>(q, q1, t, r); break;
+        case 4: pair = code_pair<4>(q, q1, t, r); break;
+        default: pair = code_pair<8>(q, q1, t, r); break;
+    }
+    const float c = static_cast<float>(h ? (pair >> 16) : (pair & 0xFFFF));
+    const int64_t g = k / w.group_size;
+    const uint2 sm = w.scale_min[(tile * w.groups + g) * 8 + (rho % 8)];
+    const __half2 p = u32_as_half2(rho < 8 ? sm.x : sm.y);
+    // Same rounding as the fragment path: c * s + m in half precision.
+    return __half2float(__hfma(__float2half(c), __low2half(p), __high2half(p)));
+}
+
+}  // namespace cuda
+}  // namespace pumice

@@ -1,0 +1,322 @@
+// gemv.cu — the decode workhorse: y = W x for 1..16 columns, dequantizing on the fly into
+// tensor-core fragments, with the layer's next step fused into the epilogue.
+//
+// Grid: one block per group of 1-2 row tiles (16 rows each); its 8 warps split the input
+// dimension, each streaming whole 512-byte units (16 B per lane, prefetched one unit ahead)
+// and issuing one m16n8k16 mma per k-tile and per 8 columns. Partial sums meet in shared
+// memory, then the epilogue writes the result (f32, f16, residual add, SwiGLU, or RoPE + KV
+// cache). Activations are read straight from global memory: they are small and stay in L2.
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "cuda_common.cuh"
+#include "decode.cuh"
+#include "kernels.cuh"
+
+namespace pumice {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+// Applies the epilogue for pair index i (rows i and i+8 of each tile) of one column.
+// value(t, row) is the finished dot product of tile t (of the block's group) and that row.
+template <int R, class Value>
+__device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, Value value) {
+    switch (e.mode) {
+        case EPI_SWIGLU: {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = i + 8 * h;
+                const int64_t out_row = group * 16 + row;
+                if (out_row >= e.n_rows) continue;
+                float g = value(0, row), u = value(R - 1, row);
+                if (e.bias) { g += e.bias[group * 32 + row]; u += e.bias[group * 32 + 16 + row]; }
+                e.out_h[col * e.ldo + out_row] = __float2half(silu(g) * u);
+            }
+            return;
+        }
+        case EPI_QKV: {
+            const StepColumn c = e.cols[col];
+            const int D = e.head_dim;
+#pragma unroll
+            for (int t = 0; t < R; ++t) {
+                const int64_t base = (group * R + t) * 16;
+                float lo = value(t, i), hi = value(t, i + 8);
+                if (e.bias) { lo += e.bias[base + i]; hi += e.bias[base + i + 8]; }
+                if (base < e.q_rows + e.kv_rows) {
+                    const bool is_q = base < e.q_rows;
+                    const int64_t rel = is_q ? base : base - e.q_rows;
+                    const int head = static_cast<int>(rel / D);
+                    const int j = static_cast<int>((rel % D) / 16);
+                    const int d_lo = 8 * j + i, d_hi = d_lo + D / 2;
+                    // The angle in float like the reference; its cosine in double, so large
+                    // positions keep their accuracy (fast-math sincosf would not).
+                    const float angle = static_cast<float>(c.pos) * e.inv_freq[d_lo];
+                    double sn, cs;
+                    sincos(static_cast<double>(angle), &sn, &cs);
+                    const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
+                    const float out_lo = lo * cf - hi * sf, out_hi = hi * cf + lo * sf;
+                    if (is_q) {
+                        __half *q = e.out_h + col * e.ldo + static_cast<int64_t>(head) * D;
+                        q[d_lo] = __float2half(out_lo);
+                        q[d_hi] = __float2half(out_hi);
+                    } else {
+                        __half *k = c.cache + ((static_cast<int64_t>(e.layer) * 2 * e.n_kv_heads + head) *
+                                                   c.n_ctx + c.pos) * D;
+                        k[d_lo] = __float2half(out_lo);
+                        k[d_hi] = __float2half(out_hi);
+                    }
+                } else {
+                    const int64_t rel = base - e.q_rows - e.kv_rows;
+                    const int head = static_cast<int>(rel / D);
+                    const int d = static_cast<int>(rel % D) + i;
+                    __half *v = c.cache + (((static_cast<int64_t>(e.layer) * 2 + 1) * e.n_kv_heads + head) *
+                                               c.n_ctx + c.pos) * D;
+                    v[d] = __float2half(lo);
+                    v[d + 8] = __float2half(hi);
+                }
+            }
+            return;
+        }
+        default: {
+#pragma unroll
+            for (int t = 0; t < R; ++t) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = i + 8 * h;
+                    const int64_t lrow = (group * R + t) * 16 + row;
+                    if (lrow >= e.n_rows) continue;
+                    float v = value(t, row);
+                    if (e.bias) v += e.bias[lrow];
+                    if (e.mode == EPI_F32) {
+                        e.out_f32[col * e.ldo + source_row(lrow, e.perm_d)] = v;
+                    } else if (e.mode == EPI_F16) {
+                        e.out_h[col * e.ldo + lrow] = __float2half(v);
+                    } else {
+                        e.out_f32[col * e.ldo + lrow] += v;
+                    }
+                }
+            }
+            return;
+        }
+    }
+}
+
+template <int BITS, int R, int NT>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) {
+    constexpr int KT = unit_ktiles(BITS);
+    constexpr int KU = unit_k(BITS);
+    __shared__ float red[kWarps][R][16][NT * 8];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t group = blockIdx.x;
+    const WeightView &w = call.w;
+    const int c0 = 2 * (lane % 4), bn = lane / 4;
+
+    int64_t stored[R];
+#pragma unroll
+    for (int t = 0; t < R; ++t) stored[t] = call.tile_base + (group * R + t) * call.tile_stride;
+
+    // Activation rows this lane feeds into B fragments (column bn of each 8-column tile).
+    const __half *xrow[NT];
+    bool xvalid[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int n = nt * 8 + bn;
+        xvalid[nt] = n < call.batch;
+        xrow[nt] = call.x + static_cast<int64_t>(xvalid[nt] ? n : 0) * call.ldx + c0;
+    }
+
+    float acc[R][NT][4];
+#pragma unroll
+    for (int t = 0; t < R; ++t)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.f;
+
+    const int64_t units = w.units;
+    uint4 next_q[R];
+    uint2 next_q1[R];
+    auto fetch = [&](int64_t u, uint4 *q, uint2 *q1) {
+#pragma unroll
+        for (int t = 0; t < R; ++t) {
+            const int64_t slot = (stored[t] * units + u) * 32 + lane;
+            q[t] = load_stream(w.codes + slot);
+            if constexpr (BITS == 3) q1[t] = load_stream(w.plane1 + slot);
+            else q1[t] = make_uint2(0, 0);
+        }
+    };
+    if (warp < units) fetch(warp, next_q, next_q1);
+
+    for (int64_t u = warp; u < units; u += kWarps) {
+        uint4 q[R];
+        uint2 q1[R];
+#pragma unroll
+        for (int t = 0; t < R; ++t) { q[t] = next_q[t]; q1[t] = next_q1[t]; }
+        if (u + kWarps < units) fetch(u + kWarps, next_q, next_q1);
+
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt) {
+            const int64_t k0 = u * KU + kt * 16;
+            uint32_t b[NT][2];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                if (xvalid[nt]) {
+                    b[nt][0] = *reinterpret_cast<const uint32_t *>(xrow[nt] + k0);
+                    b[nt][1] = *reinterpret_cast<const uint32_t *>(xrow[nt] + k0 + 8);
+                } else {
+                    b[nt][0] = b[nt][1] = 0u;
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < R; ++t) {
+                uint2 sm = make_uint2(0, 0);
+                if constexpr (BITS != 16) {
+                    const int64_t g = k0 / w.group_size;
+                    sm = w.scale_min[(stored[t] * w.groups + g) * 8 + bn];
+                }
+                uint32_t a[4];
+                decode_ktile<BITS>(q[t], q1[t], kt, sm, a);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_16816(acc[t][nt], a, b[nt]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int t = 0; t < R; ++t)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            red[warp][t][bn][nt * 8 + c0] = acc[t][nt][0];
+            red[warp][t][bn][nt * 8 + c0 + 1] = acc[t][nt][1];
+            red[warp][t][bn + 8][nt * 8 + c0] = acc[t][nt][2];
+            red[warp][t][bn + 8][nt * 8 + c0 + 1] = acc[t][nt][3];
+        }
+    __syncthreads();
+
+    const int i = threadIdx.x % 8, col = threadIdx.x / 8;
+    if (col >= call.batch || col >= NT * 8) return;
+    auto value = [&](int t, int row) {
+        float s = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < kWarps; ++wi) s += red[wi][t][row][col];
+        return s;
+    };
+    epilogue_pair<R>(call.epi, group, i, col, value);
+}
+
+template <int R>
+__global__ void epilogue_kernel(const Epilogue epi, const float *in, int64_t ld_in, int n_cols) {
+    const int64_t group = blockIdx.x;
+    const int i = threadIdx.x % 8;
+    const int col = blockIdx.y * 16 + threadIdx.x / 8;
+    if (col >= n_cols) return;
+    const float *row_in = in + col * ld_in + group * R * 16;
+    auto value = [&](int t, int row) { return row_in[t * 16 + row]; };
+    epilogue_pair<R>(epi, group, i, col, value);
+}
+
+template <int BITS>
+__global__ void dequantize_f16_kernel(const WeightView w, int64_t n_tiles, __half *out) {
+    constexpr int KT = unit_ktiles(BITS);
+    constexpr int KU = unit_k(BITS);
+    const int lane = threadIdx.x % 32;
+    const int64_t u = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    const int64_t tile = blockIdx.y;
+    if (u >= w.units) return;
+    const int64_t slot = (tile * w.units + u) * 32 + lane;
+    const uint4 q = w.codes[slot];
+    const uint2 q1 = BITS == 3 ? w.plane1[slot] : make_uint2(0, 0);
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+        const int64_t k0 = u * KU + kt * 16;
+        uint2 sm = make_uint2(0, 0);
+        if constexpr (BITS != 16) sm = w.scale_min[(tile * w.groups + k0 / w.group_size) * 8 + lane / 4];
+        uint32_t a[4];
+        decode_ktile<BITS>(q, q1, kt, sm, a);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int64_t row = tile * 16 + frag_row(lane, r);
+            const int64_t k = k0 + frag_k(lane, r, 0);
+            *reinterpret_cast<uint32_t *>(out + row * w.kp + k) = a[r];
+        }
+    }
+}
+
+__global__ void dequantize_rows_f32_kernel(const WeightView w, int64_t row0, int64_t k_count, float *out) {
+    const int64_t row = row0 + blockIdx.y;
+    for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < k_count;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        out[blockIdx.y * k_count + k] = weight_at(w, row, k);
+}
+
+template <int BITS, int R>
+void launch_gemv_bits_r(const GemvCall &c, cudaStream_t stream) {
+    const int64_t groups = c.n_tiles / R;
+    if (groups <= 0) return;
+    if (c.batch <= 8) gemv_kernel<BITS, R, 1><<<static_cast<unsigned>(groups), kWarps * 32, 0, stream>>>(c);
+    else gemv_kernel<BITS, R, 2><<<static_cast<unsigned>(groups), kWarps * 32, 0, stream>>>(c);
+    PUMICE_CUDA_CHECK_LAUNCH("gemv");
+}
+
+template <int BITS>
+void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
+    if (c.tiles_per_block == 2) launch_gemv_bits_r<BITS, 2>(c, stream);
+    else launch_gemv_bits_r<BITS, 1>(c, stream);
+}
+
+}  // namespace
+
+void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
+    if (call.batch < 1 || call.batch > 16) throw Error(PUMICE_ERR_INTERNAL, "gemv batch out of range");
+    GemvCall c = call;
+    // Two tiles per block share the activation loads; worth it only when the grid stays full.
+    if (c.epi.mode != EPI_SWIGLU)
+        c.tiles_per_block = (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms) ? 2 : 1;
+    switch (c.w.bits) {
+        case 2: launch_gemv_bits<2>(c, stream); break;
+        case 3: launch_gemv_bits<3>(c, stream); break;
+        case 4: launch_gemv_bits<4>(c, stream); break;
+        case 8: launch_gemv_bits<8>(c, stream); break;
+        case 16: launch_gemv_bits<16>(c, stream); break;
+        default: throw Error(PUMICE_ERR_INTERNAL, "gemv: unsupported bit width");
+    }
+}
+
+void launch_epilogue(const Epilogue &epi, int64_t n_tiles, int tiles_per_block, const float *in,
+                     int64_t ld_in, int n_cols, cudaStream_t stream) {
+    const int64_t groups = n_tiles / tiles_per_block;
+    if (groups <= 0 || n_cols <= 0) return;
+    dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(ceil_div(n_cols, 16)));
+    if (tiles_per_block == 2) epilogue_kernel<2><<<grid, 128, 0, stream>>>(epi, in, ld_in, n_cols);
+    else epilogue_kernel<1><<<grid, 128, 0, stream>>>(epi, in, ld_in, n_cols);
+    PUMICE_CUDA_CHECK_LAUNCH("epilogue");
+}
+
+void launch_dequantize_f16(const WeightView &w, int64_t n_tiles, __half *out, cudaStream_t stream) {
+    dim3 grid(static_cast<unsigned>(ceil_div(w.units, 8)), static_cast<unsigned>(n_tiles));
+    switch (w.bits) {
+        case 2: dequantize_f16_kernel<2><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
+        case 3: dequantize_f16_kernel<3><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
+        case 4: dequantize_f16_kernel<4><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
+        case 8: dequantize_f16_kernel<8><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
+        default: dequantize_f16_kernel<16><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
+    }
+    PUMICE_CUDA_CHECK_LAUNCH("dequantize_f16");
+}
+
+void launch_dequantize_rows_f32(const WeightView &w, int64_t row0, int64_t n_rows, int64_t k,
+                                float *out, cudaStream_t stream) {
+    if (n_rows <= 0) return;
+    dim3 grid(static_cast<unsigned>(ceil_div(k, 256) < 64 ? ceil_div(k, 256) : 64), static_cast<unsigned>(n_rows));
+    dequantize_rows_f32_kernel<<<grid, 256, 0, stream>>>(w, row0, k, out);
+    PUMICE_CUDA_CHECK_LAUNCH("dequantize_rows");
+}
+
+}  // namespace cuda
+}  // namespace pumice

@@ -1,0 +1,231 @@
+"""Sampling parameters and the per-request sampler (numpy, CPU-side).
+
+The order of logit processing follows what the common servers do, so that the same parameters
+mean the same thing here: penalties → temperature → top-k → top-p → min-p → draw. Temperature 0
+is greedy (argmax after penalties). Reported log-probabilities are those of the model's
+distribution after penalties, before temperature and truncation (what OpenAI-style clients
+expect).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. ``top_k <= 0``, ``top_p == 1`` and ``min_p == 0`` disable truncation."""
+
+    max_tokens: int | None = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
+
+        def integer(name: str, value) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            return int(value)
+
+        if self.max_tokens is not None and integer("max_tokens", self.max_tokens) < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if number("temperature") < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        integer("top_k", self.top_k)
+        if not 0.0 < number("top_p") <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= number("min_p") <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if number("repetition_penalty") <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2.0 <= number("presence_penalty") <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= number("frequency_penalty") <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.seed is not None:
+            integer("seed", self.seed)
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+        for token in self.stop_token_ids:
+            if integer("stop_token_ids entries", token) < 0:
+                raise ValueError(f"stop_token_ids must be non-negative, got {token}")
+        if self.logprobs is not None and not 0 <= integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "SamplingParams":
+        """Build from keyword arguments; ``defaults`` fill what the caller left out (or None).
+
+        Unknown names are an error (a typo must not silently change sampling).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(names))}")
+        values = {k: v for k, v in (defaults or {}).items() if k in names and v is not None}
+        values.update({k: v for k, v in kwargs.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of the chosen token and the ``top`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64, copy=False)
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+class Sampler:
+    """Per-request sampling state: the RNG and the counts of tokens generated so far."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] = ()):
+        self.params = params
+        self.vocab_size = int(vocab_size)
+        self.rng = np.random.default_rng(params.seed)
+        # Repetition penalty looks at the prompt and the output; presence/frequency at the output.
+        self._prompt_seen = np.zeros(self.vocab_size, dtype=bool)
+        prompt = np.asarray(list(prompt_ids), dtype=np.int64)
+        if prompt.size:
+            self._prompt_seen[prompt[(prompt >= 0) & (prompt < self.vocab_size)]] = True
+        self._counts = np.zeros(self.vocab_size, dtype=np.int64)
+        self._counted = 0
+
+    def _update_counts(self, generated_ids: Sequence[int]) -> None:
+        # generated_ids normally grows by one token per call; recount if the caller restarted.
+        if len(generated_ids) < self._counted:
+            self._counts[:] = 0
+            self._counted = 0
+        new = np.asarray(list(generated_ids[self._counted:]), dtype=np.int64)
+        if new.size:
+            np.add.at(self._counts, new[(new >= 0) & (new < self.vocab_size)], 1)
+        self._counted = len(generated_ids)
+
+    def apply_penalties(self, logits: np.ndarray, generated_ids: Sequence[int]) -> np.ndarray:
+        p = self.params
+        self._update_counts(generated_ids)
+        if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+            return logits
+        logits = np.array(logits, dtype=np.float32, copy=True)
+        if p.repetition_penalty != 1.0:
+            seen = self._prompt_seen | (self._counts > 0)
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits -= (p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0)).astype(np.float32)
+        return logits
+
+    def sample(self, logits: np.ndarray, generated_ids: Sequence[int] = ()) -> tuple[int, TokenLogprob | None]:
+        """Pick the next token from one row of logits ``[vocab]``."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (self.vocab_size,):
+            raise ValueError(f"expected logits of shape ({self.vocab_size},), got {logits.shape}")
+        logits = self.apply_penalties(logits, generated_ids)
+        token = self._choose(logits)
+        return token, self._logprob_info(logits, token)
+
+    def _choose(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.greedy:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        # Unnormalised probabilities, the best token at 1.0.
+        weights = np.exp(scaled - scaled.max())
+        pool = np.arange(self.vocab_size)
+        if 0 < p.top_k < self.vocab_size:
+            pool = np.argpartition(-weights, p.top_k - 1)[:p.top_k]
+            weights = weights[pool]
+        if p.top_p < 1.0:
+            pool, weights = _top_p_prefix(pool, weights, p.top_p)
+        if p.min_p > 0.0:
+            # Relative to the best token, so unaffected by the renormalisations above.
+            keep = weights >= p.min_p * weights.max()
+            pool, weights = pool[keep], weights[keep]
+        # Inverse-CDF draw (numpy's choice(p=...) re-validates p and is several times slower).
+        cumulative = np.cumsum(weights)
+        index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        return int(pool[min(index, pool.size - 1)])
+
+    def _logprob_info(self, logits: np.ndarray, token: int) -> TokenLogprob | None:
+        n_top = self.params.logprobs
+        if n_top is None:
+            return None
+        logprobs = log_softmax(logits)
+        top: list[tuple[int, float]] = []
+        if n_top > 0:
+            best = np.argpartition(-logprobs, n_top - 1)[:n_top]
+            best = best[np.lexsort((best, -logprobs[best]))]
+            top = [(int(i), float(logprobs[i])) for i in best]
+        return TokenLogprob(token, float(logprobs[token]), top)
+
+
+def _top_p_prefix(pool: np.ndarray, weights: np.ndarray, top_p: float,
+                  head: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The most likely tokens whose probability mass first reaches ``top_p`` (at least one).
+
+    Sorting the whole vocabulary every step is slow; the prefix nearly always lies within the
+    few hundred best tokens, so sort those first and fall back to a full sort only if not.
+    """
+    mass = weights.sum()
+    if pool.size > head:
+        best = np.argpartition(-weights, head - 1)[:head]
+        best = best[np.argsort(-weights[best], kind="stable")]
+        cumulative = np.cumsum(weights[best]) / mass
+        if cumulative[-1] >= top_p:
+            keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
+            return pool[best[:keep]], weights[best[:keep]]
+    order = np.argsort(-weights, kind="stable")
+    cumulative = np.cumsum(weights[order]) / mass
+    keep = min(int(np.searchsorted(cumulative, top_p, side="left")) + 1, order.size)
+    return pool[order[:keep]], weights[order[:keep]]
+
+
+def stop_token_set(params: SamplingParams, eos_token_ids: Iterable[int]) -> set[int]:
+    """Token ids that end generation: the stop ids, plus EOS unless ``ignore_eos``."""
+    stops = set(int(t) for t in params.stop_token_ids)
+    if not params.ignore_eos:
+        stops.update(int(t) for t in eos_token_ids)
+    return stops
