@@ -41,11 +41,11 @@ from pumice.format.kind_bcq import (MAX_EXPONENT, MIN_EXPONENT, pack_bcq,
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_CANDIDATE_BITS = (2, 3, 4)
 DEFAULT_WEIGHT_OBJECTIVE = 0.1   # λ of the multi-objective (weight error vs output error)
-DEFAULT_ALS_STEPS = 4
-DEFAULT_EXPONENT_SWEEPS = 2
+DEFAULT_ALS_STEPS = 3
+DEFAULT_EXPONENT_SWEEPS = 1
 DAMPING = 0.01                   # relative damping of H, as GPTQ
 _F16_MAX = 65504.0
-_ROW_SCALE_GRID = 32
+_ROW_SCALE_GRID = 8
 
 
 @dataclass
@@ -61,19 +61,29 @@ class BcqFit:
     relative_output_error: float | None = None  # the same over tr(W H Wᵀ)
     stats: dict = field(default_factory=dict)
 
+    shape: tuple[int, int] = (0, 0)
+    _parts: dict | None = None
+
     def reconstruct(self) -> torch.Tensor:
         return reconstruct(self.signs, self.exponents, self.row_scales, self.group_size)
 
     def parts(self) -> dict[str, np.ndarray]:
+        if self._parts is not None:
+            return self._parts
         return pack_bcq(self.signs.numpy(), self.exponents.numpy(),
                         self.row_scales.numpy(), self.group_size)
+
+    def compact(self) -> "BcqFit":
+        """Keep only the packed parts (q bits per weight instead of q bytes)."""
+        self._parts = self.parts()
+        self.signs = None
+        return self
 
     def params(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size}
 
     def bits_per_weight(self) -> float:
-        q, n, k = self.signs.shape
-        return stored_bits_per_weight(n, k, q, self.group_size)
+        return stored_bits_per_weight(*self.shape, self.bits, self.group_size)
 
 
 def reconstruct(signs: torch.Tensor, exponents: torch.Tensor, row_scales: torch.Tensor,
@@ -98,10 +108,14 @@ def _sign_patterns(q: int) -> torch.Tensor:
 
 def _nearest(w: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest grid value per weight. w [..., g], alpha [..., q] -> (index [..., g], value)."""
+    """Nearest grid value per weight. w [..., g], alpha [..., q] -> (pattern index [..., g],
+    value). A binary search over the sorted grid's midpoints, not a [..., g, 2^q] distance
+    table: the fit spends most of its time here."""
     levels = alpha @ patterns.T  # [..., 2^q]
-    index = (w[..., :, None] - levels[..., None, :]).abs().argmin(-1)
-    return index, torch.gather(levels, -1, index)
+    sorted_levels, order = levels.sort(-1)
+    midpoints = (sorted_levels[..., 1:] + sorted_levels[..., :-1]) * 0.5
+    position = torch.searchsorted(midpoints.contiguous(), w.contiguous())
+    return order.gather(-1, position), sorted_levels.gather(-1, position)
 
 
 def _float_bcq(w: torch.Tensor, q: int, steps: int, patterns: torch.Tensor) -> torch.Tensor:
@@ -137,12 +151,38 @@ def _group_error(w, alpha, patterns):
     return ((w - value) ** 2).sum(-1)
 
 
+def _uniform_exponents(w: torch.Tensor, row_scale: torch.Tensor, q: int,
+                       patterns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exponents of the evenly spaced grid α = c·(2^{q-1}, ..., 2, 1) with the best power-of-two
+    c near the group's range (three candidates), and their errors. ALS alone often settles in
+    a worse local optimum at q >= 3 (docs/BCQ.md)."""
+    shape = -torch.arange(q, dtype=torch.float32)
+    peak = w.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    top = torch.round(torch.log2(peak / row_scale * 2.0 ** (q - 1) / (2.0 ** q - 1)))
+    best_e = best_err = None
+    for shift in (-1.0, 0.0, 1.0):
+        e = (top + shift + shape).clamp(MIN_EXPONENT, MAX_EXPONENT)
+        err = _group_error(w, row_scale * torch.exp2(e), patterns)
+        if best_e is None:
+            best_e, best_err = e, err
+        else:
+            better = err < best_err
+            best_e = torch.where(better[..., None], e, best_e)
+            best_err = torch.where(better, err, best_err)
+    return best_e, best_err
+
+
 def _fit_exponents(w: torch.Tensor, row_scale: torch.Tensor, q: int, steps: int, sweeps: int,
                    patterns: torch.Tensor) -> torch.Tensor:
-    """Power-of-two exponents [..., q] for groups w [..., g] (row_scale broadcast as [..., 1])."""
+    """Power-of-two exponents [..., q] for groups w [..., g] (row_scale broadcast as [..., 1]):
+    the better of the rounded ALS fit and the evenly spaced grid, then coordinate descent."""
     alpha = _float_bcq(w, q, steps, patterns)
     e = _pow2_exponents(alpha, row_scale)
     err = _group_error(w, row_scale * torch.exp2(e), patterns)
+    e_uniform, err_uniform = _uniform_exponents(w, row_scale, q, patterns)
+    better = err_uniform < err
+    e = torch.where(better[..., None], e_uniform, e)
+    err = torch.where(better, err_uniform, err)
     for _ in range(sweeps):
         for i in range(q):
             for delta in (-1.0, 1.0):
@@ -157,22 +197,28 @@ def _fit_exponents(w: torch.Tensor, row_scale: torch.Tensor, q: int, steps: int,
 
 def _row_scales(w: torch.Tensor, q: int, group_size: int, steps: int,
                 patterns: torch.Tensor) -> torch.Tensor:
-    """f16 row scales [N] that put the rows' float α's nearest to powers of two."""
+    """f16 row scales [N]: per row, the power-of-two offset 2^f (f on a grid in [0, 1)) under
+    which the evenly spaced power-of-two grids fit the row's groups best."""
     n, k = w.shape
     groups = -(-k // group_size)
     padded = torch.zeros(n, groups * group_size)
     padded[:, :k] = w
-    alpha = _float_bcq(padded.view(n, groups, group_size), q, steps, patterns).reshape(n, -1)
-    log_alpha = torch.log2(alpha.clamp_min(1e-30))
-    weight = alpha ** 2
-    offsets = torch.arange(_ROW_SCALE_GRID) / _ROW_SCALE_GRID  # candidate fractional parts
-    frac = log_alpha[:, None, :] - offsets[None, :, None]
-    cost = ((frac - torch.round(frac)) ** 2 * weight[:, None, :]).sum(-1)  # [N, grid]
-    best = offsets[cost.argmin(-1)]
-    # Centre the integer part on the row's largest α so exponents stay small.
-    top = torch.floor(log_alpha.amax(-1) - best)
-    scale = torch.exp2(best + top).clamp(2.0 ** -14, _F16_MAX).to(torch.float16)
-    return torch.where(alpha.amax(-1) > 0, scale, torch.ones_like(scale))
+    wg = padded.view(n, groups, group_size)
+    peak = w.abs().amax(-1).clamp_min(1e-30)
+    base = torch.floor(torch.log2(peak))  # keeps exponents near zero
+    best_f = best_err = None
+    for f in (torch.arange(_ROW_SCALE_GRID) / _ROW_SCALE_GRID).tolist():
+        scale = torch.exp2(base + f).to(torch.float16).float()[:, None, None]
+        _, err = _uniform_exponents(wg, scale, q, patterns)
+        err = err.sum(-1)
+        if best_f is None:
+            best_f, best_err = torch.full_like(err, f), err
+        else:
+            better = err < best_err
+            best_f = torch.where(better, f, best_f)
+            best_err = torch.where(better, err, best_err)
+    scale = torch.exp2(base + best_f).clamp(2.0 ** -14, _F16_MAX).to(torch.float16)
+    return torch.where(w.abs().amax(-1) > 0, scale, torch.ones_like(scale))
 
 
 def _mixed_hessian(hessian: torch.Tensor, weight_objective: float) -> torch.Tensor:
@@ -206,8 +252,9 @@ def quantize_bcq(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROU
                  weight_objective: float = DEFAULT_WEIGHT_OBJECTIVE,
                  als_steps: int = DEFAULT_ALS_STEPS,
                  exponent_sweeps: int = DEFAULT_EXPONENT_SWEEPS,
-                 row_scales: bool = True) -> BcqFit:
-    """Fit one weight matrix [N, K] (see the module docstring). `hessian`: E[x xᵀ] [K, K]."""
+                 row_scales: bool = True, step: int = 8) -> BcqFit:
+    """Fit one weight matrix [N, K] (see the module docstring). `hessian`: E[x xᵀ] [K, K];
+    `step`: columns quantized together between error updates (1 is column-by-column GPTQ)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bcq bits must be in 1..8, got {bits}")
     if group_size % 8 or not 8 <= group_size <= 1024:
@@ -242,26 +289,28 @@ def quantize_bcq(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROU
         e = _fit_exponents(w[:, c0:c1], scale, bits, als_steps, exponent_sweeps, patterns)
         exponents[:, gi] = e
         alpha = scale * torch.exp2(e)          # [N, q]
-        levels = alpha @ patterns.T            # [N, 2^q]
         if u is None:
             idx, _ = _nearest(w[:, c0:c1], alpha, patterns)
             index[:, c0:c1] = idx
             continue
+        # GPTQ's update in sub-blocks of `step` columns: the columns of a sub-block take their
+        # nearest grid values together, and their error, mapped through the sub-block's
+        # triangular factor, is spread over every later column (exact OBS for the block).
         block_err = torch.zeros(n, c1 - c0)
-        for j in range(c0, c1):
-            col = w[:, j]
-            idx = (col[:, None] - levels).abs().argmin(-1)
-            value = levels.gather(1, idx[:, None])[:, 0]
-            index[:, j] = idx
-            err = (col - value) / u[j, j]
-            block_err[:, j - c0] = err
-            if j + 1 < c1:
-                w[:, j + 1:c1] -= err[:, None] * u[j, j + 1:c1][None, :]
+        for s0 in range(c0, c1, step):
+            s1 = min(c1, s0 + step)
+            idx, value = _nearest(w[:, s0:s1], alpha, patterns)
+            index[:, s0:s1] = idx
+            err = torch.linalg.solve_triangular(u[s0:s1, s0:s1], (w[:, s0:s1] - value),
+                                                upper=True, left=False)
+            block_err[:, s0 - c0:s1 - c0] = err
+            if s1 < c1:
+                w[:, s1:c1] -= err @ u[s0:s1, s1:c1]
         if c1 < k:
             w[:, c1:] -= block_err @ u[c0:c1, c1:]
 
     signs = ((index[None, :, :] >> torch.arange(bits)[:, None, None]) & 1).bool()  # [q, N, K]
-    fit = BcqFit(bits, group_size, signs, exponents.to(torch.int8), scale16)
+    fit = BcqFit(bits, group_size, signs, exponents.to(torch.int8), scale16, shape=(n, k))
     w_hat = fit.reconstruct()
     delta = w_hat - w_orig
     fit.weight_error = float((delta ** 2).sum() / (w_orig ** 2).sum().clamp_min(1e-30))
@@ -332,12 +381,12 @@ def allocate_bits(costs: Mapping[str, Mapping[int, float]], shapes: Mapping[str,
 def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
                     names: list[str], hessians: Mapping[str, torch.Tensor] | None,
                     bits: float, group_size: int = DEFAULT_GROUP_SIZE,
-                    candidates: tuple[int, ...] = DEFAULT_CANDIDATE_BITS,
+                    candidates: tuple[int, ...] = DEFAULT_CANDIDATE_BITS, mixed: bool = True,
                     progress: bool = False, **options) -> dict[str, BcqFit]:
-    """Fit every named layer; an integral `bits` in `candidates` fits every layer at that q,
-    anything else runs the mixed-precision allocation under the budget `bits`."""
+    """Fit every named layer: mixed=False gives every layer q = bits planes; mixed=True fits
+    each at every candidate q and allocates under the budget of `bits` stored bits/weight."""
     get = weights if callable(weights) else weights.__getitem__
-    uniform = float(bits).is_integer() and int(bits) in candidates and not options.pop("mixed", False)
+    uniform = not mixed
     tried = (int(bits),) if uniform else tuple(candidates)
     fits: dict[str, dict[int, BcqFit]] = {}
     bar = None
@@ -349,7 +398,7 @@ def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.
         h = None if hessians is None else hessians.get(name)
         fits[name] = {}
         for q in tried:
-            fits[name][q] = quantize_bcq(w, q, group_size, h, **options)
+            fits[name][q] = quantize_bcq(w, q, group_size, h, **options).compact()
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -357,6 +406,90 @@ def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.
     if uniform:
         return {name: fits[name][int(bits)] for name in names}
     costs = {name: {q: fit.output_error for q, fit in fits[name].items()} for name in names}
-    shapes = {name: tuple(fits[name][tried[0]].signs.shape[1:]) for name in names}
+    shapes = {name: fits[name][tried[0]].shape for name in names}
     choice = allocate_bits(costs, shapes, bits, group_size)
     return {name: fits[name][choice[name]] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversion method.
+
+METHOD_OPTIONS = ("mixed", "candidates", "calib", "calib_sequences", "calib_seq_len",
+                  "calib_text", "calib_cache", "weight_objective", "row_scales")
+
+
+def _parse_candidates(value) -> tuple[int, ...]:
+    if value is None:
+        return DEFAULT_CANDIDATE_BITS
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    candidates = tuple(sorted({int(v) for v in value}))
+    if not candidates or any(not 1 <= q <= 8 for q in candidates):
+        raise ValueError(f"bcq candidates must be bit widths in 1..8, got {value!r}")
+    return candidates
+
+
+def convert_bcq(ctx) -> None:
+    """`convert(method="bcq", bits=B, group_size=g, ...)`.
+
+    bits: with mixed=True (the default) the budget in stored bits per weight of the decoder's
+    linear layers, all overhead counted; each layer gets a q from `candidates` (default 2,3,4).
+    With mixed=False every layer gets q = bits planes. calib=True (default) collects E[xxᵀ]
+    of every layer input with pumice.converter.calibration (calib_sequences × calib_seq_len
+    tokens of calib_text, default the pydoc text) for the output-error objective.
+    """
+    ctx.check_options(METHOD_OPTIONS)
+    options = ctx.options
+    budget = float(ctx.bits)
+    group_size = int(ctx.group_size)
+    mixed = bool(options.get("mixed", True))
+    candidates = _parse_candidates(options.get("candidates"))
+    if not mixed and (not budget.is_integer() or not 1 <= budget <= 8):
+        raise ValueError(f"bcq with mixed=False needs integral bits in 1..8, got {ctx.bits}")
+    fit_options = {"weight_objective": float(options.get("weight_objective", DEFAULT_WEIGHT_OBJECTIVE)),
+                   "row_scales": bool(options.get("row_scales", True))}
+
+    names = [n for n in ctx.checkpoint.tensor_names() if _is_linear(n)]
+    hessians = None
+    if options.get("calib", True):
+        from .calibration import collect_hessians
+        hessians = collect_hessians(ctx.checkpoint.directory, options.get("calib_text"),
+                                    int(options.get("calib_sequences", 32)),
+                                    int(options.get("calib_seq_len", 512)),
+                                    cache_path=options.get("calib_cache"),
+                                    progress=not getattr(ctx.progress, "disable", False))
+    fits = quantize_layers(lambda name: ctx.checkpoint.get(name).to(torch.float32), names,
+                           hessians, budget if mixed else int(budget), group_size,
+                           candidates if mixed else (int(budget),), mixed=mixed,
+                           progress=not getattr(ctx.progress, "disable", False), **fit_options)
+    del hessians
+    numel = sum(int(np.prod(fit.shape)) for fit in fits.values())
+    stored = sum(fit.bits_per_weight() * int(np.prod(fit.shape)) for fit in fits.values())
+    histogram: dict[str, int] = {}
+    for fit in fits.values():
+        histogram[str(fit.bits)] = histogram.get(str(fit.bits), 0) + 1
+    ctx.provenance.update({"bcq_bits_per_weight": round(stored / numel, 4),
+                           "bcq_layers_per_bits": histogram, "bcq_mixed": mixed,
+                           "bcq_calibrated": options.get("calib", True)})
+
+    def quantize(ctx, name, weight):
+        fit = fits.pop(name)
+        return "bcq", fit.params(), fit.parts()
+
+    ctx.run(quantize)
+
+
+def _is_linear(name: str) -> bool:
+    from .hf import is_decoder_linear
+    return is_decoder_linear(name)
+
+
+def _register() -> None:
+    from .methods import register_method
+    register_method("bcq", convert_bcq,
+                    defaults={"bits": 3, "group_size": DEFAULT_GROUP_SIZE},
+                    description="ShiftAddLLM binary-coded quantization, power-of-two scales, "
+                                "LUT GEMM; Hessian-aware, mixed bits under a budget")
+
+
+_register()

@@ -39,6 +39,8 @@ from .rtn import DEFAULT_GROUP_SIZE, quantize_rtn
 
 # Modules that register methods when imported (one line per method family).
 PLUGIN_MODULES: list[str] = [
+    "pumice.converter.caldera.method",
+    "pumice.converter.bcq",
 ]
 
 _TORCH_DTYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16,

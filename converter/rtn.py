@@ -17,6 +17,10 @@ optimised is exactly what the runtime reconstructs.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -25,45 +29,64 @@ from pumice.format.packing import pack_codes, packed_row_bytes
 RTN_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZE = 64
 # Shrink factors tried by the clipping search (8-bit codes have no outliers worth clipping).
-DEFAULT_GRID = 16
+DEFAULT_GRID = 8
 MIN_SHRINK = 0.5
 DEFAULT_REFINE_STEPS = 2
 # Rows per chunk: bounds temporary memory to a few times chunk_rows * K floats.
 _CHUNK_ELEMENTS = 1 << 17
 _F16_MAX = 65504.0
+# Chunks are cache-sized, far below what torch's intra-op threads pay off on (and those threads
+# spin badly on a busy machine), so torch runs single-threaded here and chunks go to a pool.
+_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-_F16_MAX, _F16_MAX).to(torch.float16).to(torch.float32)
 
 
-def _codes_for(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, qmax: int) -> torch.Tensor:
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(torch.round((w - low[..., None]) / safe[..., None]), 0, qmax)
+def _round_codes(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, qmax: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out = clamp(round((w - low) / scale), 0, qmax), in place (scale 0 gives code 0)."""
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    torch.sub(w, low[..., None], out=out)
+    out.mul_(inverse[..., None]).round_().clamp_(0, qmax)
+    return out
 
 
-def _group_error(w, mask, codes, scale, low) -> torch.Tensor:
-    diff = (codes * scale[..., None] + low[..., None] - w) * mask
-    return (diff * diff).sum(-1)
+def _group_error(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                 scratch: torch.Tensor) -> torch.Tensor:
+    torch.mul(codes, scale[..., None], out=scratch)
+    scratch.add_(low[..., None]).sub_(w)
+    return scratch.square_().sum(-1)
 
 
-def _quantize_groups(w: torch.Tensor, mask: torch.Tensor, bits: int, grid: int,
-                     refine_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w: [R, G, g] float32 (padding anywhere mask is 0) -> codes [R, G, g], scale, min [R, G]."""
+def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w: [R, G, g] float32 -> codes [R, G, g] (float), f16-exact scale and min [R, G]."""
     qmax = (1 << bits) - 1
-    big = torch.finfo(torch.float32).max
-    w_min = torch.where(mask, w, torch.full_like(w, big)).amin(-1)
-    w_max = torch.where(mask, w, torch.full_like(w, -big)).amax(-1)
-    if w_min.abs().max() > _F16_MAX or w_max.abs().max() > _F16_MAX:
+    w_min = w.amin(-1)
+    w_max = w.amax(-1)
+    if max(w_min.abs().max().item(), w_max.abs().max().item()) > _F16_MAX:
         raise ValueError("weights exceed the f16 range of rtn scales and mins")
+    codes = torch.empty_like(w)
+    scratch = torch.empty_like(w)
 
     best_err = best_scale = best_low = None
-    alphas = torch.linspace(1.0, MIN_SHRINK, grid) if grid > 1 else torch.ones(1)
-    for alpha in alphas.tolist():
+    alphas = torch.linspace(1.0, MIN_SHRINK, grid).tolist() if grid > 1 else [1.0]
+    for alpha in alphas:
         low = _f16(w_min * alpha)
         scale = _f16((w_max * alpha - low) / qmax)
-        codes = _codes_for(w, scale, low, qmax)
-        err = _group_error(w, mask, codes, scale, low)
+        err = _group_error(w, _round_codes(w, scale, low, qmax, codes), scale, low, scratch)
         if best_err is None:
             best_err, best_scale, best_low = err, scale, low
         else:
@@ -72,21 +95,20 @@ def _quantize_groups(w: torch.Tensor, mask: torch.Tensor, bits: int, grid: int,
             best_scale = torch.where(better, scale, best_scale)
             best_low = torch.where(better, low, best_low)
 
-    count = mask.sum(-1).to(torch.float32).expand_as(best_err)
+    count = float(w.shape[-1])
+    sum_w = w.sum(-1)
     for _ in range(refine_steps):
-        codes = _codes_for(w, best_scale, best_low, qmax) * mask
+        _round_codes(w, best_scale, best_low, qmax, codes)
         sum_q = codes.sum(-1)
-        sum_w = (w * mask).sum(-1)
-        sum_qq = (codes * codes).sum(-1)
-        sum_qw = (codes * w * mask).sum(-1)
+        sum_qq = torch.mul(codes, codes, out=scratch).sum(-1)
+        sum_qw = torch.mul(codes, w, out=scratch).sum(-1)
         denom = count * sum_qq - sum_q * sum_q
         ok = denom > 0
         scale = torch.where(ok, (count * sum_qw - sum_q * sum_w) / torch.where(ok, denom, 1.0),
                             best_scale)
         scale = _f16(scale.clamp(min=0.0))
-        low = _f16((sum_w - scale * sum_q) / count.clamp(min=1.0))
-        codes = _codes_for(w, scale, low, qmax)
-        err = _group_error(w, mask, codes, scale, low)
+        low = _f16((sum_w - scale * sum_q) / count)
+        err = _group_error(w, _round_codes(w, scale, low, qmax, codes), scale, low, scratch)
         better = err < best_err
         if not bool(better.any()):
             break
@@ -94,44 +116,62 @@ def _quantize_groups(w: torch.Tensor, mask: torch.Tensor, bits: int, grid: int,
         best_scale = torch.where(better, scale, best_scale)
         best_low = torch.where(better, low, best_low)
 
-    codes = _codes_for(w, best_scale, best_low, qmax) * mask
-    return codes.to(torch.uint8), best_scale, best_low
+    return _round_codes(w, best_scale, best_low, qmax, codes), best_scale, best_low
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
-                 grid: int | None = None, refine_steps: int = DEFAULT_REFINE_STEPS
+                 grid: int | None = None, refine_steps: int | None = None
                  ) -> dict[str, np.ndarray]:
     """Quantize a [N, K] matrix to the parts of the `rtn` kind: packed codes, f16 scales, mins.
 
-    grid: clipping-search points (default 16 below 8 bits, 1 at 8 bits); refine_steps: least-
-    squares refits. Works in row chunks, so memory stays a few times one chunk.
+    grid: clipping-search points (default DEFAULT_GRID below 8 bits, 1 at 8 bits);
+    refine_steps: least-squares refits (default DEFAULT_REFINE_STEPS below 8 bits, 0 at 8).
+    Works in row chunks, so memory stays a few times one chunk.
     """
     if bits not in RTN_BITS:
         raise ValueError(f"rtn bits must be one of {RTN_BITS}, got {bits}")
     if group_size % 32 or not 32 <= group_size <= 4096:
         raise ValueError(f"rtn group_size must be a multiple of 32 in [32, 4096], got {group_size}")
-    if weight.dim() != 2:
-        raise ValueError(f"rtn quantizes matrices, got shape {list(weight.shape)}")
+    if weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(f"rtn quantizes non-empty matrices, got shape {list(weight.shape)}")
     if grid is None:
         grid = 1 if bits == 8 else DEFAULT_GRID
+    if refine_steps is None:
+        refine_steps = 0 if bits == 8 else DEFAULT_REFINE_STEPS
     n, k = weight.shape
     groups = -(-k // group_size)
-    padded = groups * group_size
-    mask = (torch.arange(padded) < k).reshape(groups, group_size)
-    chunk = max(1, _CHUNK_ELEMENTS // padded)
+    full = k // group_size * group_size  # columns in whole groups; a short last group is apart
+    chunk = max(1, _CHUNK_ELEMENTS // k)
+    weight = weight.detach().cpu()
     codes_out = np.empty((n, packed_row_bytes(k, bits)), np.uint8)
     scales_out = np.empty((n, groups), np.float16)
     mins_out = np.empty((n, groups), np.float16)
-    with torch.no_grad():
-        for start in range(0, n, chunk):
-            rows = weight[start:start + chunk].to(torch.float32)
-            if padded != k:
-                rows = torch.nn.functional.pad(rows, (0, padded - k))
-            codes, scale, low = _quantize_groups(rows.reshape(-1, groups, group_size), mask,
-                                                 bits, grid, refine_steps)
-            codes_out[start:start + chunk] = pack_codes(codes.reshape(-1, padded)[:, :k].numpy(), bits)
-            scales_out[start:start + chunk] = scale.to(torch.float16).numpy()
-            mins_out[start:start + chunk] = low.to(torch.float16).numpy()
+    def quantize_chunk(start: int) -> None:
+        rows = weight[start:start + chunk].to(torch.float32)
+        pieces = []
+        if full:
+            pieces.append(rows[:, :full].reshape(rows.shape[0], -1, group_size))
+        if full < k:
+            pieces.append(rows[:, full:].reshape(rows.shape[0], 1, k - full))
+        codes, scales, mins = [], [], []
+        for piece in pieces:
+            c, s, m = _quantize_groups(piece.contiguous(), bits, grid, refine_steps)
+            codes.append(c.reshape(rows.shape[0], -1))
+            scales.append(s)
+            mins.append(m)
+        end = start + rows.shape[0]
+        codes_out[start:end] = pack_codes(torch.cat(codes, 1).to(torch.uint8).numpy(), bits)
+        scales_out[start:end] = torch.cat(scales, 1).to(torch.float16).numpy()
+        mins_out[start:end] = torch.cat(mins, 1).to(torch.float16).numpy()
+
+    starts = range(0, n, chunk)
+    with torch.no_grad(), _one_torch_thread():
+        if len(starts) == 1 or _WORKERS == 1:
+            for start in starts:
+                quantize_chunk(start)
+        else:
+            with ThreadPoolExecutor(_WORKERS) as pool:
+                list(pool.map(quantize_chunk, starts))
     return {"codes": codes_out, "scales": scales_out, "mins": mins_out}
 
 

@@ -160,7 +160,6 @@ class RequestHandle:
 class _Request:
     def __init__(self, handle: RequestHandle, n_sequences: int):
         self.handle = handle
-        self.unadmitted = n_sequences
         self.unfinished = n_sequences
         self.failed = False
 
@@ -287,7 +286,6 @@ class Engine:
         self.metrics.slots_total = max_batch
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._waiting_requests = 0
         self._active: list[_Sequence] = []
         self._free: list[_Slot] = []
         self._n_slots = 0
@@ -342,13 +340,13 @@ class Engine:
                 sequences.append(_Sequence(request, choice, spec, index, self.model, seed))
                 choice += 1
         with self._cond:
-            if self._waiting_requests >= self.max_queue:
+            queued = self._queued_requests()
+            if queued >= self.max_queue:
                 self.metrics.count_rejected("queue_full")
-                raise APIError(429, f"The server is busy: {self._waiting_requests} requests are "
-                               "already waiting. Retry later.", type="rate_limit_error",
+                raise APIError(429, f"The server is busy: {queued} requests are already waiting "
+                               "for a slot. Retry later.", type="rate_limit_error",
                                code="queue_full")
             self._waiting.extend(sequences)
-            self._waiting_requests += 1
             self.metrics.count_request()
             self._update_gauges()
             self._cond.notify_all()
@@ -382,9 +380,22 @@ class Engine:
             for seq in list(self._active):
                 self._retire(seq)
 
+    def _queued_requests(self) -> int:
+        """Waiting requests that the free slots cannot take at the next step (under _cond).
+
+        Requests that arrive while the engine is busy with a step, and that free slots will
+        take when it ends, are not "queued": they must not use up --max-queue.
+        """
+        capacity = self.max_batch - len(self._active)
+        if len(self._waiting) <= capacity:
+            return 0
+        queued = {id(seq.request) for seq in itertools.islice(self._waiting, max(capacity, 0),
+                                                              None)}
+        return len(queued)
+
     def _update_gauges(self) -> None:
         running = {id(seq.request) for seq in self._active}
-        self.metrics.set_load(queue_length=self._waiting_requests, running_requests=len(running),
+        self.metrics.set_load(queue_length=self._queued_requests(), running_requests=len(running),
                               running_sequences=len(self._active),
                               slots_free=self.max_batch - len(self._active))
 
@@ -401,7 +412,6 @@ class Engine:
             still = collections.deque()
             for seq in self._waiting:
                 if seq.cancelled:
-                    self._left_queue(seq)
                     self._note_cancelled(seq)
                 else:
                     still.append(seq)
@@ -413,15 +423,9 @@ class Engine:
         if request.unfinished == 0 and not request.failed:
             self.metrics.count_cancelled()
 
-    def _left_queue(self, seq: _Sequence) -> None:
-        seq.request.unadmitted -= 1
-        if seq.request.unadmitted == 0:
-            self._waiting_requests -= 1
-
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.max_batch:
             seq = self._waiting.popleft()
-            self._left_queue(seq)
             try:
                 seq.slot = self._take_slot(seq.prompt)
             except Exception as exc:

@@ -5,7 +5,8 @@ Tolerances, per output element y[b, n] (y64 is the float64 product with the stor
 i.e. the dequantized weights computed exactly in float64):
   * f32 accumulation (dense GEMV/GEMM, rtn GEMM, rtn GEMV in exact mode):
         |y - y64| <= 1e-5 * sum_k |W[n, k] x[b, k]|
-  * rtn GEMV with int8 activations (the default for batch 1): x is rounded to int8 per block
+  * rtn GEMV with int8 activations (the default for batches of 1 to 4 tokens): x is rounded
+    to int8 per block
     of 32 with step d = max|x_block| / 127, so each x_k moves by at most d/2:
         |y - y64| <= 0.5 * (1 + 1e-4) * sum_k |scale[n, k/g] code[n, k]| * d_block(k)
                      + 1e-5 * sum_k |W[n, k] x[b, k]|
@@ -192,7 +193,7 @@ def test_rtn_apply_exact_f32(models, kernel_file, bits, batch):
             continue
         x = random_x(rng, batch, case.k)
         assert_f32_close(models[1].linear_apply(name, x), x, case.w64, name + " (exact mode)")
-        if batch > 1:  # batch > 1 is exact f32 in every mode
+        if batch > 4:  # larger batches (prefill) are exact f32 in every mode
             assert_f32_close(models[0].linear_apply(name, x), x, case.w64, name)
 
 
@@ -211,16 +212,21 @@ def test_rtn_gemv_int8_activations(models, kernel_file, bits):
     for name, case in rtn.items():
         if case.bits != bits:
             continue
-        for _ in range(3):
-            x = random_x(rng, 1, case.k)
+        # Batches of up to 4 tokens (decode_batch) run the same kernel once per token.
+        for outliers, batch in ((False, 1), (True, 1), (False, 3), (True, 4)):
+            x = (random_x(rng, batch, case.k) if outliers
+                 else rng.standard_normal((batch, case.k)).astype(np.float32))
             y = models[0].linear_apply(name, x).astype(np.float64)
             x64 = x.astype(np.float64)
             y64 = x64 @ case.w64.T
             bound = int8_activation_bound(case, x64) + F32_RTOL * (np.abs(x64) @ np.abs(case.w64).T)
             err = np.abs(y - y64)
             assert np.all(err <= bound), f"{name}: max error/bound {np.max(err / bound):.3g}"
-            # The bound is not vacuous: int8 results are close in relative terms too.
-            assert np.linalg.norm(y - y64) <= 0.05 * np.linalg.norm(y64) + 1e-6
+            if not outliers:
+                # Without outliers in a block the int8 step is ~1% of the block's range, so the
+                # result stays within a few percent in norm (a check that the bound is not loose
+                # enough to hide a broken kernel).
+                assert np.linalg.norm(y - y64) <= 0.03 * np.linalg.norm(y64), name
 
 
 def test_results_do_not_depend_on_thread_count(kernel_file):

@@ -398,7 +398,7 @@ def served_model_path(convert_smollm2):
         load_library("cpu")
     except Exception as exc:  # noqa: BLE001 — any failure means: no native runtime here
         pytest.skip(f"the native library is not available: {exc}")
-    return convert_smollm2("rtn", bits=8, group_size=32)
+    return convert_smollm2("dense")
 
 
 @pytest.fixture(scope="module")
@@ -607,10 +607,10 @@ def test_concurrent_requests_all_complete_and_share_batches(server, client):
     def ask(prompt):
         return client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], temperature=0.7,
-            seed=1, max_tokens=24, extra_body={"ignore_eos": True})
+            seed=1, max_tokens=16, extra_body={"ignore_eos": True})
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         replies = list(pool.map(ask, prompts))
-    assert all(r.usage.completion_tokens == 24 and r.choices[0].message.content for r in replies)
+    assert all(r.usage.completion_tokens == 16 and r.choices[0].message.content for r in replies)
     after = _metrics(server)
     steps = after["pumice_decode_steps_total"] - before["pumice_decode_steps_total"]
     tokens = after["pumice_decode_batch_size_sum"] - before["pumice_decode_batch_size_sum"]
@@ -625,7 +625,7 @@ def test_full_queue_answers_429(server, client):
 
     def ask(i):
         try:
-            client.completions.create(model=MODEL_NAME, prompt=f"Story {i}:", max_tokens=48,
+            client.completions.create(model=MODEL_NAME, prompt=f"Story {i}:", max_tokens=16,
                                       temperature=1.0, extra_body={"ignore_eos": True})
             return 200
         except openai.RateLimitError:
@@ -667,3 +667,22 @@ def test_disconnecting_stream_frees_its_slot(server):
     assert m["pumice_requests_cancelled_total"] == before["pumice_requests_cancelled_total"] + 1
     generated = m["pumice_generation_tokens_total"] - before["pumice_generation_tokens_total"]
     assert generated < 400  # stopped long before its 800 tokens
+
+
+@pytest.mark.slow
+def test_disconnecting_non_streamed_request_frees_its_slot(server):
+    import httpx
+    before = _metrics(server)
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 800,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server}/v1/completions", json=body, timeout=2.0,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = _metrics(server)
+        if m["pumice_requests_cancelled_total"] > before["pumice_requests_cancelled_total"]:
+            break
+        time.sleep(0.05)
+    assert m["pumice_requests_cancelled_total"] == before["pumice_requests_cancelled_total"] + 1
+    assert m["pumice_running_sequences"] == 0

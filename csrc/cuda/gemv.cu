@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
             for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.f;
 
     const int64_t units = w.units;
+    const int tiles_per_group = w.group_size / 16;
     uint4 next_q[R];
     uint2 next_q1[R];
     auto fetch = [&](int64_t u, uint4 *q, uint2 *q1) {
@@ -160,9 +161,27 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
         for (int t = 0; t < R; ++t) { q[t] = next_q[t]; q1[t] = next_q1[t]; }
         if (u + kWarps < units) fetch(u + kWarps, next_q, next_q1);
 
+        // Group of each k-tile without a division per tile: one per unit, then a counter.
+        const int tile0 = static_cast<int>(u) * KT;
+        int grp = 0, rem = 0;
+        uint2 sm[R];
+        if constexpr (BITS != 16) {
+            grp = tile0 / tiles_per_group;
+            rem = tile0 - grp * tiles_per_group;
+#pragma unroll
+            for (int t = 0; t < R; ++t) sm[t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
+        }
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt) {
             const int64_t k0 = u * KU + kt * 16;
+            if constexpr (BITS != 16) {
+                if (kt > 0 && ++rem == tiles_per_group) {
+                    rem = 0;
+                    ++grp;
+#pragma unroll
+                    for (int t = 0; t < R; ++t) sm[t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
+                }
+            }
             uint32_t b[NT][2];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
@@ -175,13 +194,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
             }
 #pragma unroll
             for (int t = 0; t < R; ++t) {
-                uint2 sm = make_uint2(0, 0);
-                if constexpr (BITS != 16) {
-                    const int64_t g = k0 / w.group_size;
-                    sm = w.scale_min[(stored[t] * w.groups + g) * 8 + bn];
-                }
                 uint32_t a[4];
-                decode_ktile<BITS>(q[t], q1[t], kt, sm, a);
+                decode_ktile<BITS>(q[t], q1[t], kt, BITS != 16 ? sm[t] : make_uint2(0, 0), a);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) mma_16816(acc[t][nt], a, b[nt]);
             }
@@ -236,7 +250,7 @@ __global__ void dequantize_f16_kernel(const WeightView w, int64_t n_tiles, __hal
     for (int kt = 0; kt < KT; ++kt) {
         const int64_t k0 = u * KU + kt * 16;
         uint2 sm = make_uint2(0, 0);
-        if constexpr (BITS != 16) sm = w.scale_min[(tile * w.groups + k0 / w.group_size) * 8 + lane / 4];
+        if constexpr (BITS != 16) sm = w.scale_min[(tile * w.groups + static_cast<int>(k0) / w.group_size) * 8 + lane / 4];
         uint32_t a[4];
         decode_ktile<BITS>(q, q1, kt, sm, a);
 #pragma unroll

@@ -1,0 +1,432 @@
+"""CUDA backend benchmark: Llama-2-7B- and Llama-3-8B-shaped models with random weights.
+
+    python benchmarks/bench_cuda.py --out DIR [--models llama2-7b,llama3-8b]
+                                    [--kinds rtn2g64,rtn3g64,rtn4g64] [--no-hf] [--quick]
+
+For each model shape and storage kind it writes a .pumice file straight from random codes
+(pumice.format.writer; no conversion, a dummy tokenizer blob), then, each in its own process so
+that GPU memory is measured cleanly:
+
+- pumice: decode tokens/s at batch 1, 4 and 16 (greedy, logits copied to the host every step),
+  prefill tokens/s of a 2048-token prompt, decode at 2048 context, peak GPU memory, and a kernel
+  profile of one batch-1 decode step (per-kernel time; GEMV bandwidth = weight bytes / GEMV time);
+- transformers fp16 (`generate`, same shapes) as the baseline.
+
+Also measured: device-to-device copy bandwidth (bytes read + written), which sets each decode
+step's floor: (weight bytes + KV bytes read) / bandwidth. Results: DIR/bench_cuda.json and a
+markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
+                      rope_scaling=None, max_position_embeddings=4096),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                      max_position_embeddings=8192),
+}
+PREFILL = 2048
+N_CTX = 4096
+
+
+def parse_kind(kind: str) -> tuple[int, int]:
+    # "rtn2g64" -> (2, 64)
+    bits, group = kind[3:].split("g")
+    return int(bits), int(group)
+
+
+def full_config(shape: dict) -> dict:
+    c = dict(shape)
+    c.update(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    return c
+
+
+def linear_names(c: dict) -> list[tuple[str, tuple[int, int]]]:
+    d, inter, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    qd, kvd = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    out = []
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (qd, d)), (p + "self_attn.k_proj.weight", (kvd, d)),
+                (p + "self_attn.v_proj.weight", (kvd, d)), (p + "self_attn.o_proj.weight", (d, qd)),
+                (p + "mlp.gate_proj.weight", (inter, d)), (p + "mlp.up_proj.weight", (inter, d)),
+                (p + "mlp.down_proj.weight", (d, inter))]
+    out.append(("lm_head.weight", (c["vocab_size"], d)))
+    return out
+
+
+def write_random_model(path: Path, shape_name: str, kind: str) -> dict:
+    """Random rtn weights, centred codes scaled for unit-variance outputs. Returns byte counts."""
+    from pumice.format.packing import packed_row_bytes
+    from pumice.format.writer import PumiceWriter
+
+    bits, group = parse_kind(kind)
+    c = full_config(SHAPES[shape_name])
+    rng = np.random.default_rng(0)
+    levels = (1 << bits) - 1
+    code_std = math.sqrt(((levels + 1) ** 2 - 1) / 12.0)
+    metadata = {
+        "architecture": "llama", "config": c,
+        "tokenizer": {"type": "hf_tokenizers", "blob": "tokenizer.json", "config": {}},
+        "chat_template": None,
+        "special_tokens": {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": None, "bos_token": None,
+                           "eos_token": None, "add_bos_token": True},
+        "generation": {},
+        "provenance": {"method": "random", "bits": bits, "group_size": group, "source": "bench_cuda",
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pumice_version": "0.1.0"},
+    }
+    linear_bytes = 0
+    with PumiceWriter(path, metadata) as w:
+        d = c["hidden_size"]
+        emb = (rng.standard_normal((c["vocab_size"], d), dtype=np.float32)).astype(np.float16)
+        w.add_tensor("model.embed_tokens.weight", "dense", [c["vocab_size"], d], {}, {"weight": emb})
+        del emb
+        ones = np.ones(d, dtype=np.float32)
+        for name, (n, k) in linear_names(c):
+            g = -(-k // group)
+            codes = rng.integers(0, 256, size=(n, packed_row_bytes(k, bits)), dtype=np.uint8)
+            scale = 1.0 / (math.sqrt(k) * code_std)
+            scales = (scale * (0.75 + 0.5 * rng.random((n, g), dtype=np.float32))).astype(np.float16)
+            mins = (-scales.astype(np.float32) * levels / 2).astype(np.float16)
+            w.add_tensor(name, "rtn", [n, k], {"bits": bits, "group_size": group},
+                         {"codes": codes, "scales": scales, "mins": mins})
+            linear_bytes += codes.nbytes + scales.nbytes + mins.nbytes
+            if name.endswith("down_proj.weight"):
+                layer = name.split(".")[2]
+                w.add_tensor(f"model.layers.{layer}.input_layernorm.weight", "dense", [d], {}, {"weight": ones})
+                w.add_tensor(f"model.layers.{layer}.post_attention_layernorm.weight", "dense", [d], {},
+                             {"weight": ones})
+        w.add_tensor("model.norm.weight", "dense", [d], {}, {"weight": ones})
+        w.add_blob("tokenizer.json", b"{}")
+    n_weights = sum(n * k for _, (n, k) in linear_names(c))
+    return {"linear_bytes": linear_bytes, "linear_weights": n_weights,
+            "bits_per_weight": 8.0 * linear_bytes / n_weights}
+
+
+def gpu_used_bytes() -> int:
+    import torch
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def copy_bandwidth() -> float:
+    import torch
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * n / float(np.median(times))
+
+
+# ---- pumice worker ----------------------------------------------------------------------------
+
+def kernel_profile(session, steps: int = 3) -> dict:
+    """Per-kernel GPU time of `steps` batch-1 decode steps (direct launches, no graph)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    os.environ["PUMICE_CUDA_GRAPHS"] = "0"
+    try:
+        session.forward([5])
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for t in range(steps):
+                session.forward([6 + t])
+            torch.cuda.synchronize()
+    finally:
+        os.environ["PUMICE_CUDA_GRAPHS"] = "1"
+    by_kernel: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA" or "pumice" not in ev.name:
+            continue
+        name = ev.name.replace("(anonymous namespace)::", "").replace("void ", "").replace("pumice::cuda::", "")
+        key = name.split("(")[0]
+        by_kernel.setdefault(key, []).append(ev.time_range.elapsed_us())
+    return {k: {"calls_per_step": len(v) / steps, "us_per_step": sum(v) / steps} for k, v in by_kernel.items()}
+
+
+def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quick: bool) -> dict:
+    import torch
+    from pumice.runtime.native import NativeModel, decode_batch
+    torch.cuda.init()
+    c = full_config(SHAPES[shape_name])
+    base = gpu_used_bytes()
+    peak = 0
+
+    def sample():
+        nonlocal peak
+        peak = max(peak, gpu_used_bytes() - base)
+
+    rng = np.random.default_rng(1)
+    res: dict = {}
+    t0 = time.perf_counter()
+    model = NativeModel(path, device="cuda")
+    res["load_s"] = time.perf_counter() - t0
+    sample()
+    n_steps = 32 if quick else 128
+
+    def greedy_decode(session, first: int, steps: int) -> float:
+        tok = first
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits = session.forward([tok])
+            tok = int(np.argmax(logits))
+        return (time.perf_counter() - t) / steps
+
+    # batch 1
+    s = model.new_session(N_CTX)
+    s.forward(rng.integers(0, c["vocab_size"], 32).tolist())
+    greedy_decode(s, 3, 8)
+    step = greedy_decode(s, 3, n_steps)
+    sample()
+    res["decode"] = {"1": {"step_ms": step * 1e3, "tok_s": 1.0 / step, "context": 32 + 8 + n_steps // 2}}
+    res["profile_b1"] = kernel_profile(s)
+    s.close()
+    # batch 4, 16
+    for b in (4, 16):
+        sessions = []
+        for _ in range(b):
+            si = model.new_session(N_CTX)
+            si.forward(rng.integers(0, c["vocab_size"], 32).tolist())
+            sessions.append(si)
+        toks = [3] * b
+        for _ in range(4):
+            logits = decode_batch(sessions, toks)
+            toks = np.argmax(logits, axis=1).tolist()
+        t = time.perf_counter()
+        steps = n_steps // 2
+        for _ in range(steps):
+            logits = decode_batch(sessions, toks)
+            toks = np.argmax(logits, axis=1).tolist()
+        dt = (time.perf_counter() - t) / steps
+        sample()
+        res["decode"][str(b)] = {"step_ms": dt * 1e3, "tok_s": b / dt, "context": 32 + 4 + steps // 2}
+        for si in sessions:
+            si.close()
+    # prefill of a 2048-token prompt, then decode at that context
+    prompt = rng.integers(0, c["vocab_size"], PREFILL).tolist()
+    s = model.new_session(N_CTX)
+    s.forward(prompt)  # warm-up: workspace, cuBLAS heuristics
+    times = []
+    for _ in range(2 if quick else 3):
+        s.truncate(0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        s.forward(prompt)
+        times.append(time.perf_counter() - t)
+    sample()
+    pre = float(np.median(times))
+    res["prefill"] = {"tokens": PREFILL, "s": pre, "tok_s": PREFILL / pre}
+    step = greedy_decode(s, 3, 32)
+    res["decode_ctx2048"] = {"step_ms": step * 1e3, "tok_s": 1.0 / step}
+    s.close()
+    res["peak_gpu_bytes"] = peak
+    res["weight_bytes"] = model.info["weight_bytes"]
+    model.close()
+    return res
+
+
+# ---- transformers worker ------------------------------------------------------------------------
+
+def hf_worker(shape_name: str, quick: bool) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = full_config(SHAPES[shape_name])
+    cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                      intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
+                      num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
+                      head_dim=c["head_dim"], rope_theta=c["rope_theta"], rope_scaling=c["rope_scaling"],
+                      max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=1e-5,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    model.eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    res: dict = {"decode": {}}
+    n_new = 16 if quick else 64
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        for b in (1, 4, 16):
+            ids = torch.randint(0, c["vocab_size"], (b, 32), device="cuda")
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, **gen)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **gen)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            res["decode"][str(b)] = {"tok_s": b * n_new / dt, "step_ms": dt / n_new * 1e3}
+        ids = torch.randint(0, c["vocab_size"], (1, PREFILL), device="cuda")
+        model(ids)
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(ids)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        pre = float(np.median(times))
+        res["prefill"] = {"tokens": PREFILL, "s": pre, "tok_s": PREFILL / pre}
+    res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+
+def run_worker(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker"] + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-3000:]}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": "no result: " + proc.stdout[-2000:] + proc.stderr[-2000:]}
+
+
+def floor_ms(step_bytes: float, bandwidth: float) -> float:
+    return step_bytes / bandwidth * 1e3
+
+
+def kv_bytes(c: dict, batch: int, context: int) -> float:
+    return batch * c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * context * c["head_dim"] * 2
+
+
+def gemv_bandwidth(profile: dict, linear_bytes: int) -> tuple[float, float]:
+    us = sum(v["us_per_step"] for k, v in profile.items() if k.startswith("gemv_kernel"))
+    return us, (linear_bytes / (us * 1e-6) if us else float("nan"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--models", default="llama2-7b,llama3-8b")
+    ap.add_argument("--kinds", default="rtn2g64,rtn3g64,rtn4g64")
+    ap.add_argument("--work", default="/tmp/pumice-bench")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", nargs="*")
+    args = ap.parse_args()
+    if args.worker is not None:
+        w = args.worker
+        if w[0] == "pumice":
+            out = pumice_worker(w[1], w[2], w[3], int(w[4]), w[5] == "1")
+        else:
+            out = hf_worker(w[1], w[2] == "1")
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+
+    import torch
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    bw = copy_bandwidth()
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "torch": torch.__version__, "copy_bandwidth_Bps": bw, "models": {}}
+    print(f"device {results['device']}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    quick = "1" if args.quick else "0"
+    for shape_name in args.models.split(","):
+        c = full_config(SHAPES[shape_name])
+        entry = {"config": c, "kinds": {}}
+        results["models"][shape_name] = entry
+        if not args.no_hf:
+            t = time.perf_counter()
+            entry["transformers_fp16"] = run_worker(["hf", shape_name, quick], 400)
+            print(f"{shape_name} transformers: {json.dumps(entry['transformers_fp16'])[:400]} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+        for kind in args.kinds.split(","):
+            path = work / f"{shape_name}-{kind}.pumice"
+            t = time.perf_counter()
+            sizes = write_random_model(path, shape_name, kind)
+            write_s = time.perf_counter() - t
+            t = time.perf_counter()
+            r = run_worker(["pumice", str(path), shape_name, kind, str(sizes["linear_bytes"]), quick], 400)
+            r.update(sizes)
+            r["write_s"] = write_s
+            if "error" not in r:
+                for b, d in r["decode"].items():
+                    ctx = d["context"]
+                    step_bytes = sizes["linear_bytes"] + kv_bytes(c, int(b), ctx)
+                    d["floor_ms"] = floor_ms(step_bytes, bw)
+                    d["step_over_floor"] = d["step_ms"] / d["floor_ms"]
+                d = r["decode_ctx2048"]
+                d["floor_ms"] = floor_ms(sizes["linear_bytes"] + kv_bytes(c, 1, PREFILL + 16), bw)
+                d["step_over_floor"] = d["step_ms"] / d["floor_ms"]
+                us, gbw = gemv_bandwidth(r["profile_b1"], sizes["linear_bytes"])
+                r["gemv_us_per_step"] = us
+                r["gemv_bandwidth_Bps"] = gbw
+                r["gemv_fraction_of_copy_bw"] = gbw / bw
+            entry["kinds"][kind] = r
+            print(f"{shape_name} {kind}: {json.dumps(r)[:1500]} ({time.perf_counter() - t:.0f} s)", flush=True)
+            path.unlink(missing_ok=True)
+            (out_dir / "bench_cuda.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "bench_cuda.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    bw = results["copy_bandwidth_Bps"]
+    print(f"\n## CUDA ({results['device']}), {results['date']}; copy bandwidth {bw / 1e9:.0f} GB/s\n")
+    print("| model | kind | bpw | decode b1 tok/s | b4 | b16 | b16/b1 | step/floor b1 | GEMV BW (% copy) "
+          "| prefill tok/s | decode@2k tok/s | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, entry in results["models"].items():
+        hf = entry.get("transformers_fp16")
+        if hf and "error" not in hf:
+            d = hf["decode"]
+            print(f"| {shape} | transformers fp16 | 16 | {d['1']['tok_s']:.1f} | {d['4']['tok_s']:.1f} | "
+                  f"{d['16']['tok_s']:.1f} | {d['16']['tok_s'] / d['1']['tok_s']:.1f} | | | "
+                  f"{hf['prefill']['tok_s']:.0f} | | {hf['peak_gpu_bytes'] / 2**30:.1f} |")
+        elif hf:
+            print(f"| {shape} | transformers fp16 | error: {hf['error'][-200:]!r} |")
+        for kind, r in entry["kinds"].items():
+            if "error" in r:
+                print(f"| {shape} | {kind} | error: {r['error'][-300:]!r} |")
+                continue
+            d = r["decode"]
+            print(f"| {shape} | {kind} | {r['bits_per_weight']:.2f} | {d['1']['tok_s']:.0f} | {d['4']['tok_s']:.0f} | "
+                  f"{d['16']['tok_s']:.0f} | {d['16']['tok_s'] / d['1']['tok_s']:.1f} | "
+                  f"{d['1']['step_over_floor']:.2f} | {r['gemv_bandwidth_Bps'] / 1e9:.0f} GB/s "
+                  f"({100 * r['gemv_fraction_of_copy_bw']:.0f}%) | {r['prefill']['tok_s']:.0f} | "
+                  f"{r['decode_ctx2048']['tok_s']:.0f} | {r['peak_gpu_bytes'] / 2**30:.2f} |")
+            if hf and "error" not in hf:
+                print(f"|   | vs transformers | | {d['1']['tok_s'] / hf['decode']['1']['tok_s']:.1f}x | "
+                      f"{d['4']['tok_s'] / hf['decode']['4']['tok_s']:.1f}x | "
+                      f"{d['16']['tok_s'] / hf['decode']['16']['tok_s']:.1f}x | | | | "
+                      f"{r['prefill']['tok_s'] / hf['prefill']['tok_s']:.2f}x | | |")
+    for shape, entry in results["models"].items():
+        for kind, r in entry["kinds"].items():
+            if "error" in r or kind != next(iter(entry["kinds"])):
+                continue
+            print(f"\nkernel time per batch-1 decode step, {shape} {kind} (us):")
+            for k, v in sorted(r["profile_b1"].items(), key=lambda kv: -kv[1]["us_per_step"]):
+                print(f"  {v['us_per_step']:9.1f}  x{v['calls_per_step']:.0f}  {k}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One call on a GPU machine, from the repository root: build libpumice_cuda, run the CUDA tests,
+# run the benchmark. Everything it reports lands in $OUT (default /tmp/pumice-cuda-out).
+#
+#   benchmarks/cuda_device_run.sh [all|build|test|bench] [extra bench_cuda.py arguments]
+#
+# Environment:
+#   OUT              where logs and bench_cuda.json go
+#   PUMICE_PREBUILT  a folder holding libpumice.so and libpumice_cuda.so built elsewhere (for
+#                    the same CPU family, PUMICE_NATIVE=OFF): skips the build
+#   WHEELS           a folder of wheels to install first (cffi, pycparser) when missing
+set -uo pipefail
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/pumice-cuda-out}
+mkdir -p "$OUT"
+WHAT=${1:-all}
+shift || true
+export PYTHONUNBUFFERED=1
+
+if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/pumice-site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/pumice-site:${PYTHONPATH:-}
+fi
+
+# The package from the source tree, laid out as installed (pumice/{runtime,format,...}).
+PKG=/tmp/pumice-pkg
+rm -rf "$PKG" && mkdir -p "$PKG/pumice/include"
+for d in runtime format converter server; do ln -s "$ROOT/$d" "$PKG/pumice/$d"; done
+cp runtime/package_root.py "$PKG/pumice/__init__.py"
+cp csrc/include/pumice.h "$PKG/pumice/include/"
+export PYTHONPATH=$PKG:${PYTHONPATH:-}
+
+# cuBLAS (prefill GEMMs) is opened at run time; torch's copy is the one we know is there.
+TORCH_LIBS=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null)
+export LD_LIBRARY_PATH=${TORCH_LIBS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+if [ -n "${PUMICE_PREBUILT:-}" ] && [ -f "$PUMICE_PREBUILT/libpumice_cuda.so" ]; then
+    LIBDIR=$PUMICE_PREBUILT
+    echo "using prebuilt libraries in $LIBDIR"
+elif [ "$WHAT" = all ] || [ "$WHAT" = build ] || [ "$WHAT" = test ] || [ "$WHAT" = bench ]; then
+    t0=$(date +%s)
+    cmake -S "$ROOT" -B /tmp/pumice-build -DPUMICE_CUDA=ON -DPUMICE_NATIVE=ON \
+        -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
+    cmake --build /tmp/pumice-build -j"$(nproc)" >> "$OUT/build.log" 2>&1
+    rc=$?
+    echo "build: rc=$rc in $(( $(date +%s) - t0 )) s"
+    if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+    LIBDIR=/tmp/pumice-build
+fi
+export PUMICE_LIBRARY=$LIBDIR/libpumice.so
+export PUMICE_CUDA_LIBRARY=$LIBDIR/libpumice_cuda.so
+
+if [ "$WHAT" = all ] || [ "$WHAT" = test ]; then
+    t0=$(date +%s)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -30
+    echo "tests: $(( $(date +%s) - t0 )) s"
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+    PUMICE_VERBOSE=1 python3 benchmarks/bench_cuda.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+fi

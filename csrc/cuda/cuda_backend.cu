@@ -1,0 +1,706 @@
+// cuda_backend.cu — the CUDA implementation of pumice::Backend (backend.h).
+//
+// Decode (and prompts of up to 16 tokens): one "step" of up to 16 columns — tokens of distinct
+// sessions (decode_batch) or consecutive tokens of one session — runs as a CUDA graph, captured
+// once per column count: embedding, then per layer RMSNorm -> fused QKV GEMV (RoPE + KV-cache
+// write in its epilogue) -> split-K attention -> O GEMV (+ residual) -> RMSNorm -> fused
+// gate/up GEMV (SwiGLU in its epilogue) -> down GEMV (+ residual), then the head. Positions,
+// tokens and caches are read from a small device array, so one graph serves every step.
+//
+// Long prompts: chunks of up to 2048 tokens; each matrix is dequantized to f16 into a scratch
+// buffer and multiplied with cuBLAS (tensor cores), attention is two batched cuBLAS GEMMs around
+// a causal softmax; the same epilogue kernels as decode apply RoPE, SwiGLU and residuals.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "cublas_loader.h"
+#include "cuda_common.cuh"
+#include "kernels.cuh"
+#include "weights.cuh"
+
+namespace pumice {
+namespace cuda {
+namespace {
+
+constexpr int kMaxStepCols = 16;
+constexpr int kMaxPrefillChunk = 2048;
+constexpr int kMaxSplits = 64;
+
+bool verbose() {
+    const char *v = std::getenv("PUMICE_VERBOSE");
+    return v && *v && std::string(v) != "0";
+}
+bool graphs_enabled() {
+    const char *v = std::getenv("PUMICE_CUDA_GRAPHS");
+    return !(v && std::string(v) == "0");
+}
+
+// Makes the backend's device current for the calling thread (sessions may move threads).
+class DeviceScope {
+public:
+    explicit DeviceScope(int device) { PUMICE_CUDA_CHECK(cudaSetDevice(device)); }
+};
+
+DeviceBuffer upload_vector(const std::vector<float> &v, const char *what, cudaStream_t stream) {
+    DeviceBuffer buf(v.size() * sizeof(float), what);
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(buf.get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return buf;
+}
+
+struct Layer {
+    LinearSlot qkv, o, gate_up, down;  // the fused launches (all stored tiles)
+    DeviceBuffer attn_norm, mlp_norm;
+    DeviceBuffer qkv_bias, o_bias, gate_up_bias, down_bias;  // f32 by stored row, or empty
+};
+
+class CudaSession final : public BackendSession {
+public:
+    DeviceBuffer cache;  // [layer][k|v][kv_head][n_ctx][head_dim] f16
+};
+
+// Buffers of the prefill path, grown on demand.
+struct PrefillWorkspace {
+    DeviceBuffer cols, resid, xn, y, q, attn, act, wscratch, scores, probs, ptrs;
+    PinnedBuffer cols_host, ptrs_host;
+};
+
+class CudaBackend final : public Backend {
+public:
+    CudaBackend(const ModelFile &file, const LlamaConfig &config, int device_index);
+    ~CudaBackend() override;
+
+    std::unique_ptr<BackendSession> create_session(int32_t n_ctx) override;
+    void forward(BackendSession &session, const int32_t *tokens, int32_t n, float *logits, bool all) override;
+    void decode_batch(BackendSession *const *sessions, const int32_t *tokens, int32_t n, float *logits) override;
+    void linear_apply(const std::string &name, const float *x, int64_t batch, float *y) override;
+    int64_t weight_bytes() const override { return weight_bytes_; }
+
+private:
+    void open_device(int device_index);
+    void load_llama(const ModelFile &file);
+    void load_tensors_only(const ModelFile &file);
+    const LinearSlot &add_single(const TensorEntry &e);
+    DeviceBuffer stored_bias(const ModelFile &file, const std::vector<std::pair<std::string, FusePart>> &parts,
+                             const std::vector<LinearSlot> &slots, int64_t n_tiles);
+    void allocate_step_buffers();
+
+    // Decode step over cols_host_[0..n) (already filled): logits to logits_dev_.
+    void run_step(int n_cols);
+    void enqueue_step(int n_cols);
+    void copy_logits(int n_rows, const float *src_dev, float *dst);
+
+    void prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n, int32_t p0, float *logits, bool all,
+                       bool last_chunk);
+    void gemm_linear(const LinearSlot &slot, const __half *x, int64_t ldx, int n, float *y, int64_t ldy);
+    int prefill_chunk_size(int32_t n_past, int32_t n_remaining) const;
+
+    GemvCall gemv_call(const LinearSlot &slot, const __half *x, int64_t ldx, int batch) const;
+    int attention_splits(int n_cols) const;
+
+    LlamaConfig cfg_;
+    int device_ = 0;
+    int num_sms_ = 1;
+    cudaStream_t stream_ = nullptr;
+    std::unique_ptr<Cublas> cublas_;
+    int64_t weight_bytes_ = 0;
+
+    std::vector<std::unique_ptr<TiledWeight>> weights_;
+    std::vector<Layer> layers_;
+    LinearSlot embed_, lm_head_;
+    DeviceBuffer final_norm_, inv_freq_;
+    std::map<std::string, LinearSlot> by_name_;
+
+    int64_t hs_ = 0, qs_ = 0, is_ = 0;  // padded row strides of activations (hidden, q, mlp)
+    int q_rows_ = 0, kv_rows_ = 0;
+
+    // Step buffers.
+    DeviceBuffer cols_dev_, resid_, xn_, q_, attn_, act_, logits_dev_, part_o_, part_ml_;
+    PinnedBuffer cols_host_, logits_host_;
+    std::map<int, cudaGraphExec_t> graphs_;
+
+    PrefillWorkspace pw_;
+};
+
+CudaBackend::CudaBackend(const ModelFile &file, const LlamaConfig &config, int device_index) : cfg_(config) {
+    open_device(device_index);
+    try {
+        if (cfg_.tensors_only()) load_tensors_only(file);
+        else load_llama(file);
+        for (const TensorEntry &e : file.tensors())
+            if (e.kind != "blob")
+                for (const auto &kv : e.parts) weight_bytes_ += static_cast<int64_t>(kv.second.length);
+        if (!cfg_.tensors_only()) allocate_step_buffers();
+        std::string why;
+        cublas_.reset(Cublas::open(stream_, &why));
+        if (verbose())
+            std::fprintf(stderr, "pumice cuda: device %d, %d SMs; prefill GEMMs: %s\n", device_, num_sms_,
+                         cublas_ ? ("cuBLAS (" + cublas_->path() + ")").c_str() : ("batched GEMV: " + why).c_str());
+    } catch (...) {
+        for (auto &kv : graphs_) cudaGraphExecDestroy(kv.second);
+        graphs_.clear();
+        cublas_.reset();
+        cudaStreamDestroy(stream_);
+        stream_ = nullptr;
+        throw;
+    }
+}
+
+CudaBackend::~CudaBackend() {
+    cudaSetDevice(device_);
+    if (stream_) cudaStreamSynchronize(stream_);
+    for (auto &kv : graphs_) cudaGraphExecDestroy(kv.second);
+    cublas_.reset();
+    if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaBackend::open_device(int device_index) {
+    int count = 0;
+    const cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        (void)cudaGetLastError();
+        throw DeviceError(std::string("no CUDA device available (") +
+                          (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") + ")");
+    }
+    if (device_index >= count)
+        throw DeviceError("CUDA device " + std::to_string(device_index) + " requested, but only " +
+                          std::to_string(count) + " present");
+    device_ = device_index;
+    PUMICE_CUDA_CHECK(cudaSetDevice(device_));
+    cudaDeviceProp prop;
+    PUMICE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    if (prop.major < 8)
+        throw UnsupportedError(std::string("the CUDA backend needs compute capability 8.0 or newer; ") + prop.name +
+                               " has " + std::to_string(prop.major) + "." + std::to_string(prop.minor));
+    num_sms_ = prop.multiProcessorCount;
+    PUMICE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+}
+
+const LinearSlot &CudaBackend::add_single(const TensorEntry &e) {
+    std::vector<LinearSlot> slots;
+    const int64_t tiles = ceil_div(e.shape.at(0), 16);
+    weights_.push_back(load_fused({FusePart{&e, 0, 0, 1}}, tiles, stream_, &slots));
+    return by_name_[e.name] = slots.at(0);
+}
+
+void CudaBackend::load_tensors_only(const ModelFile &file) {
+    for (const TensorEntry &e : file.tensors())
+        if (e.kind != "blob" && e.shape.size() == 2) add_single(e);
+}
+
+DeviceBuffer CudaBackend::stored_bias(const ModelFile &file,
+                                      const std::vector<std::pair<std::string, FusePart>> &parts,
+                                      const std::vector<LinearSlot> &slots, int64_t n_tiles) {
+    bool any = false;
+    for (const auto &p : parts) any = any || file.find(p.first) != nullptr;
+    if (!any) return DeviceBuffer();
+    std::vector<float> stored(static_cast<size_t>(n_tiles * 16), 0.f);
+    for (size_t i = 0; i < parts.size(); ++i) {
+        const TensorEntry *e = file.find(parts[i].first);
+        if (!e) continue;
+        const std::vector<float> b = dense_vector_f32(*e);
+        const LinearSlot &s = slots[i];
+        if (static_cast<int64_t>(b.size()) != s.n_rows)
+            throw FormatError("tensor '" + e->name + "' has " + std::to_string(b.size()) + " values, expected " +
+                              std::to_string(s.n_rows));
+        for (int64_t l = 0; l < s.n_tiles; ++l)
+            for (int r = 0; r < 16; ++r) {
+                const int64_t lrow = l * 16 + r;
+                if (lrow >= s.n_rows) continue;
+                stored[static_cast<size_t>((s.tile_base + l * s.tile_stride) * 16 + r)] = b[source_row(lrow, s.perm_d)];
+            }
+    }
+    return upload_vector(stored, "bias", stream_);
+}
+
+void CudaBackend::load_llama(const ModelFile &file) {
+    const LlamaConfig &c = cfg_;
+    const int D = c.head_dim;
+    if (D != 64 && D != 128) throw UnsupportedError("the CUDA backend supports head_dim 64 and 128, not " + std::to_string(D));
+    if (c.num_heads % c.num_kv_heads != 0 || c.num_heads / c.num_kv_heads > 8)
+        throw UnsupportedError("the CUDA backend supports 1 to 8 query heads per kv head");
+    q_rows_ = c.num_heads * D;
+    kv_rows_ = c.num_kv_heads * D;
+    hs_ = round_up(c.hidden_size, 128);
+    qs_ = round_up(q_rows_, 128);
+    is_ = round_up(c.intermediate_size, 128);
+
+    auto expect = [&](const TensorEntry &e, int64_t n, int64_t k) {
+        if (e.shape.size() != 2 || e.shape[0] != n || e.shape[1] != k)
+            throw FormatError("tensor '" + e.name + "' has the wrong shape for this config (expected [" +
+                              std::to_string(n) + ", " + std::to_string(k) + "])");
+    };
+    const int64_t H = c.hidden_size, I = c.intermediate_size;
+    for (int l = 0; l < c.num_layers; ++l) {
+        const std::string p = "model.layers." + std::to_string(l) + ".";
+        Layer L;
+        const TensorEntry &q = file.get(p + "self_attn.q_proj.weight");
+        const TensorEntry &k = file.get(p + "self_attn.k_proj.weight");
+        const TensorEntry &v = file.get(p + "self_attn.v_proj.weight");
+        const TensorEntry &o = file.get(p + "self_attn.o_proj.weight");
+        const TensorEntry &g = file.get(p + "mlp.gate_proj.weight");
+        const TensorEntry &u = file.get(p + "mlp.up_proj.weight");
+        const TensorEntry &d = file.get(p + "mlp.down_proj.weight");
+        expect(q, q_rows_, H); expect(k, kv_rows_, H); expect(v, kv_rows_, H); expect(o, H, q_rows_);
+        expect(g, I, H); expect(u, I, H); expect(d, H, I);
+
+        // QKV: q tiles, then k, then v; q and k rows RoPE-permuted.
+        const int64_t qt = q_rows_ / 16, kt = kv_rows_ / 16;
+        std::vector<LinearSlot> slots;
+        std::vector<std::pair<std::string, FusePart>> qkv = {
+            {p + "self_attn.q_proj.bias", FusePart{&q, D, 0, 1}},
+            {p + "self_attn.k_proj.bias", FusePart{&k, D, qt, 1}},
+            {p + "self_attn.v_proj.bias", FusePart{&v, 0, qt + kt, 1}}};
+        weights_.push_back(load_fused({qkv[0].second, qkv[1].second, qkv[2].second}, qt + 2 * kt, stream_, &slots));
+        by_name_[q.name] = slots[0];
+        by_name_[k.name] = slots[1];
+        by_name_[v.name] = slots[2];
+        L.qkv = LinearSlot{weights_.back().get(), 0, 1, qt + 2 * kt, q_rows_ + 2 * kv_rows_, H, 0};
+        if (c.attention_bias) L.qkv_bias = stored_bias(file, qkv, slots, qt + 2 * kt);
+
+        // gate/up: interleaved tiles (gate tile i at 2i, up tile i at 2i+1) for the SwiGLU epilogue.
+        slots.clear();
+        const int64_t it = ceil_div(I, 16);
+        std::vector<std::pair<std::string, FusePart>> gu = {{p + "mlp.gate_proj.bias", FusePart{&g, 0, 0, 2}},
+                                                            {p + "mlp.up_proj.bias", FusePart{&u, 0, 1, 2}}};
+        weights_.push_back(load_fused({gu[0].second, gu[1].second}, 2 * it, stream_, &slots));
+        by_name_[g.name] = slots[0];
+        by_name_[u.name] = slots[1];
+        L.gate_up = LinearSlot{weights_.back().get(), 0, 1, 2 * it, 2 * it * 16, H, 0};
+        if (c.mlp_bias) L.gate_up_bias = stored_bias(file, gu, slots, 2 * it);
+
+        L.o = add_single(o);
+        L.down = add_single(d);
+        if (c.attention_bias) {
+            slots = {L.o};
+            L.o_bias = stored_bias(file, {{p + "self_attn.o_proj.bias", FusePart{&o, 0, 0, 1}}}, slots, L.o.n_tiles);
+        }
+        if (c.mlp_bias) {
+            slots = {L.down};
+            L.down_bias = stored_bias(file, {{p + "mlp.down_proj.bias", FusePart{&d, 0, 0, 1}}}, slots, L.down.n_tiles);
+        }
+
+        auto norm = [&](const std::string &name) {
+            const std::vector<float> w = dense_vector_f32(file.get(name));
+            if (static_cast<int64_t>(w.size()) != H) throw FormatError("tensor '" + name + "' has the wrong length");
+            return upload_vector(w, "norm weight", stream_);
+        };
+        L.attn_norm = norm(p + "input_layernorm.weight");
+        L.mlp_norm = norm(p + "post_attention_layernorm.weight");
+        layers_.push_back(std::move(L));
+    }
+    const TensorEntry &emb = file.get("model.embed_tokens.weight");
+    expect(emb, c.vocab_size, H);
+    embed_ = add_single(emb);
+    if (c.tie_word_embeddings || !file.find("lm_head.weight")) {
+        lm_head_ = embed_;
+    } else {
+        const TensorEntry &head = file.get("lm_head.weight");
+        expect(head, c.vocab_size, H);
+        lm_head_ = add_single(head);
+    }
+    const std::vector<float> fn = dense_vector_f32(file.get("model.norm.weight"));
+    if (static_cast<int64_t>(fn.size()) != H) throw FormatError("tensor 'model.norm.weight' has the wrong length");
+    final_norm_ = upload_vector(fn, "final norm", stream_);
+    std::vector<float> inv(static_cast<size_t>(D / 2));
+    c.rope_inv_freq(inv.data());
+    inv_freq_ = upload_vector(inv, "rope frequencies", stream_);
+}
+
+void CudaBackend::allocate_step_buffers() {
+    const int C = kMaxStepCols;
+    cols_dev_.allocate(sizeof(StepColumn) * C, "step columns");
+    resid_.allocate(sizeof(float) * C * hs_, "activations");
+    xn_.allocate(sizeof(__half) * C * hs_, "activations");
+    q_.allocate(sizeof(__half) * C * qs_, "activations");
+    attn_.allocate(sizeof(__half) * C * qs_, "activations");
+    act_.allocate(sizeof(__half) * C * is_, "activations");
+    logits_dev_.allocate(sizeof(float) * C * cfg_.vocab_size, "logits");
+    part_o_.allocate(sizeof(float) * C * cfg_.num_heads * kMaxSplits * cfg_.head_dim, "attention partials");
+    part_ml_.allocate(sizeof(float2) * C * cfg_.num_heads * kMaxSplits, "attention partials");
+    for (DeviceBuffer *b : {&resid_, &xn_, &q_, &attn_, &act_}) b->zero(stream_);
+    cols_host_.reserve(sizeof(StepColumn) * C, "step columns");
+    logits_host_.reserve(sizeof(float) * C * cfg_.vocab_size, "logits");
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+std::unique_ptr<BackendSession> CudaBackend::create_session(int32_t n_ctx) {
+    if (cfg_.tensors_only()) throw UnsupportedError("this file holds tensors only; it cannot run a session");
+    DeviceScope scope(device_);
+    auto s = std::make_unique<CudaSession>();
+    const size_t bytes = static_cast<size_t>(cfg_.num_layers) * 2 * cfg_.num_kv_heads * static_cast<size_t>(n_ctx) *
+                         cfg_.head_dim * sizeof(__half);
+    s->cache.allocate(bytes, "the session's KV cache");
+    s->n_ctx = n_ctx;
+    return s;
+}
+
+GemvCall CudaBackend::gemv_call(const LinearSlot &slot, const __half *x, int64_t ldx, int batch) const {
+    GemvCall c;
+    c.w = slot.weight->view;
+    c.tile_base = slot.tile_base;
+    c.tile_stride = slot.tile_stride;
+    c.n_tiles = slot.n_tiles;
+    c.x = x;
+    c.ldx = ldx;
+    c.batch = batch;
+    c.epi.n_rows = slot.n_rows;
+    return c;
+}
+
+int CudaBackend::attention_splits(int n_cols) const {
+    const int blocks = n_cols * cfg_.num_kv_heads;
+    const int want = static_cast<int>(ceil_div(2 * num_sms_, blocks));
+    return std::max(1, std::min(kMaxSplits, want));
+}
+
+void CudaBackend::enqueue_step(int n) {
+    const LlamaConfig &c = cfg_;
+    const StepColumn *cols = cols_dev_.as<StepColumn>();
+    float *resid = resid_.as<float>();
+    __half *xn = xn_.as<__half>();
+    launch_embed(embed_.weight->view, cols, n, c.hidden_size, resid, hs_, stream_);
+    for (int l = 0; l < c.num_layers; ++l) {
+        const Layer &L = layers_[l];
+        launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+
+        GemvCall qkv = gemv_call(L.qkv, xn, hs_, n);
+        qkv.epi.mode = EPI_QKV;
+        qkv.epi.out_h = q_.as<__half>();
+        qkv.epi.ldo = qs_;
+        qkv.epi.bias = L.qkv_bias.as<float>();
+        qkv.epi.q_rows = q_rows_;
+        qkv.epi.kv_rows = kv_rows_;
+        qkv.epi.head_dim = c.head_dim;
+        qkv.epi.n_kv_heads = c.num_kv_heads;
+        qkv.epi.layer = l;
+        qkv.epi.inv_freq = inv_freq_.as<float>();
+        qkv.epi.cols = cols;
+        launch_gemv(qkv, num_sms_, stream_);
+
+        AttentionCall at;
+        at.q = q_.as<__half>();
+        at.ldq = qs_;
+        at.cols = cols;
+        at.n_cols = n;
+        at.layer = l;
+        at.n_heads = c.num_heads;
+        at.n_kv_heads = c.num_kv_heads;
+        at.head_dim = c.head_dim;
+        at.splits = attention_splits(n);
+        at.partial_o = part_o_.as<float>();
+        at.partial_ml = part_ml_.as<float2>();
+        at.out = attn_.as<__half>();
+        at.ldo = qs_;
+        launch_attention_decode(at, stream_);
+
+        GemvCall o = gemv_call(L.o, attn_.as<__half>(), qs_, n);
+        o.epi.mode = EPI_ADD;
+        o.epi.out_f32 = resid;
+        o.epi.ldo = hs_;
+        o.epi.bias = L.o_bias.as<float>();
+        launch_gemv(o, num_sms_, stream_);
+
+        launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+
+        GemvCall gu = gemv_call(L.gate_up, xn, hs_, n);
+        gu.tiles_per_block = 2;
+        gu.epi.mode = EPI_SWIGLU;
+        gu.epi.n_rows = c.intermediate_size;
+        gu.epi.out_h = act_.as<__half>();
+        gu.epi.ldo = is_;
+        gu.epi.bias = L.gate_up_bias.as<float>();
+        launch_gemv(gu, num_sms_, stream_);
+
+        GemvCall dn = gemv_call(L.down, act_.as<__half>(), is_, n);
+        dn.epi.mode = EPI_ADD;
+        dn.epi.out_f32 = resid;
+        dn.epi.ldo = hs_;
+        dn.epi.bias = L.down_bias.as<float>();
+        launch_gemv(dn, num_sms_, stream_);
+    }
+    launch_rmsnorm(resid, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+    GemvCall head = gemv_call(lm_head_, xn, hs_, n);
+    head.epi.mode = EPI_F32;
+    head.epi.out_f32 = logits_dev_.as<float>();
+    head.epi.ldo = c.vocab_size;
+    launch_gemv(head, num_sms_, stream_);
+}
+
+void CudaBackend::run_step(int n) {
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(cols_dev_.get(), cols_host_.as<StepColumn>(), sizeof(StepColumn) * n,
+                                      cudaMemcpyHostToDevice, stream_));
+    if (!graphs_enabled()) {
+        enqueue_step(n);
+        return;
+    }
+    auto it = graphs_.find(n);
+    if (it == graphs_.end()) {
+        cudaGraph_t graph = nullptr;
+        PUMICE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        try {
+            enqueue_step(n);
+        } catch (...) {
+            cudaStreamEndCapture(stream_, &graph);
+            if (graph) cudaGraphDestroy(graph);
+            (void)cudaGetLastError();
+            throw;
+        }
+        PUMICE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        PUMICE_CUDA_CHECK(err);
+        it = graphs_.emplace(n, exec).first;
+    }
+    PUMICE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+}
+
+void CudaBackend::copy_logits(int n_rows, const float *src_dev, float *dst) {
+    const size_t bytes = sizeof(float) * static_cast<size_t>(n_rows) * cfg_.vocab_size;
+    logits_host_.reserve(bytes, "logits");
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(logits_host_.as<float>(), src_dev, bytes, cudaMemcpyDeviceToHost, stream_));
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(dst, logits_host_.as<float>(), bytes);
+}
+
+void CudaBackend::forward(BackendSession &session, const int32_t *tokens, int32_t n, float *logits, bool all) {
+    DeviceScope scope(device_);
+    CudaSession &s = static_cast<CudaSession &>(session);
+    const int32_t p_start = s.n_past;
+    const int64_t V = cfg_.vocab_size;
+    if (n > kMaxStepCols && cublas_) {
+        int32_t done = 0;
+        while (done < n) {
+            const int chunk = prefill_chunk_size(p_start + done, n - done);
+            const bool last = done + chunk == n;
+            prefill_chunk(s, tokens + done, chunk, p_start + done, logits ? (all ? logits + done * V : logits) : nullptr,
+                          all, last);
+            done += chunk;
+        }
+    } else {
+        for (int32_t done = 0; done < n; done += kMaxStepCols) {
+            const int cols = std::min<int32_t>(kMaxStepCols, n - done);
+            StepColumn *ch = cols_host_.as<StepColumn>();
+            for (int i = 0; i < cols; ++i)
+                ch[i] = StepColumn{tokens[done + i], p_start + done + i, s.n_ctx, 0, s.cache.as<__half>()};
+            run_step(cols);
+            if (logits && all) copy_logits(cols, logits_dev_.as<float>(), logits + done * V);
+            else if (logits && done + cols == n)
+                copy_logits(1, logits_dev_.as<float>() + (cols - 1) * V, logits);
+        }
+    }
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    s.n_past = p_start + n;
+}
+
+void CudaBackend::decode_batch(BackendSession *const *sessions, const int32_t *tokens, int32_t n, float *logits) {
+    DeviceScope scope(device_);
+    const int64_t V = cfg_.vocab_size;
+    for (int32_t done = 0; done < n; done += kMaxStepCols) {
+        const int cols = std::min<int32_t>(kMaxStepCols, n - done);
+        StepColumn *ch = cols_host_.as<StepColumn>();
+        for (int i = 0; i < cols; ++i) {
+            CudaSession &s = static_cast<CudaSession &>(*sessions[done + i]);
+            ch[i] = StepColumn{tokens[done + i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
+        }
+        run_step(cols);
+        if (logits) copy_logits(cols, logits_dev_.as<float>(), logits + done * V);
+    }
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (int32_t i = 0; i < n; ++i) sessions[i]->n_past += 1;
+}
+
+int CudaBackend::prefill_chunk_size(int32_t n_past, int32_t n_remaining) const {
+    // Scores (f32) and probabilities (f16) of all heads must stay modest: about 1.5 GiB.
+    int chunk = std::min<int32_t>(n_remaining, kMaxPrefillChunk);
+    const double budget = 1.5 * (1 << 30);
+    while (chunk > 256 &&
+           static_cast<double>(cfg_.num_heads) * chunk * (n_past + chunk) * 6.0 > budget)
+        chunk /= 2;
+    return chunk;
+}
+
+void CudaBackend::gemm_linear(const LinearSlot &slot, const __half *x, int64_t ldx, int n, float *y, int64_t ldy) {
+    const TiledWeight &w = *slot.weight;
+    pw_.wscratch.reserve(sizeof(__half) * w.n_tiles * 16 * w.view.kp, "prefill weight scratch");
+    launch_dequantize_f16(w.view, w.n_tiles, pw_.wscratch.as<__half>(), stream_);
+    cublas_->gemm(n, static_cast<int>(w.n_tiles * 16), static_cast<int>(w.view.kp), 1.0f, x, ldx,
+                  pw_.wscratch.get(), w.view.kp, true, 0.0f, y, CUDA_R_32F, ldy);
+}
+
+void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n, int32_t p0, float *logits,
+                                bool all, bool last_chunk) {
+    const LlamaConfig &c = cfg_;
+    const int D = c.head_dim, G = c.num_heads / c.num_kv_heads;
+    const int L_keys = p0 + n;
+    int64_t y_cols = 0;
+    for (const Layer &L : layers_)
+        y_cols = std::max({y_cols, L.qkv.n_tiles * 16, L.gate_up.n_tiles * 16, L.o.n_tiles * 16, L.down.n_tiles * 16});
+
+    pw_.cols.reserve(sizeof(StepColumn) * n, "prefill columns");
+    pw_.cols_host.reserve(sizeof(StepColumn) * n, "prefill columns");
+    pw_.resid.reserve(sizeof(float) * n * hs_, "prefill activations");
+    pw_.xn.reserve(sizeof(__half) * n * hs_, "prefill activations");
+    pw_.y.reserve(sizeof(float) * n * y_cols, "prefill activations");
+    pw_.q.reserve(sizeof(__half) * n * qs_, "prefill activations");
+    pw_.attn.reserve(sizeof(__half) * n * qs_, "prefill activations");
+    pw_.act.reserve(sizeof(__half) * n * is_, "prefill activations");
+    pw_.scores.reserve(sizeof(float) * c.num_heads * n * static_cast<size_t>(L_keys), "prefill attention scores");
+    pw_.probs.reserve(sizeof(__half) * c.num_heads * n * static_cast<size_t>(L_keys), "prefill attention scores");
+    const size_t n_ptrs = static_cast<size_t>(c.num_layers) * 6 * c.num_heads;
+    pw_.ptrs.reserve(sizeof(void *) * n_ptrs, "prefill pointers");
+    pw_.ptrs_host.reserve(sizeof(void *) * n_ptrs, "prefill pointers");
+    // Padding columns of the f16 activations must be zero (the GEMMs read kp inputs).
+    pw_.xn.zero(stream_);
+    pw_.attn.zero(stream_);
+    pw_.act.zero(stream_);
+
+    StepColumn *ch = pw_.cols_host.as<StepColumn>();
+    for (int i = 0; i < n; ++i) ch[i] = StepColumn{tokens[i], p0 + i, s.n_ctx, 0, s.cache.as<__half>()};
+    // Attention operand pointers, per layer: Q, K, S | P, V, O for every query head.
+    const void **ptr = pw_.ptrs_host.as<const void *>();
+    const size_t lstride = static_cast<size_t>(6) * c.num_heads;
+    for (int l = 0; l < c.num_layers; ++l)
+        for (int h = 0; h < c.num_heads; ++h) {
+            const int kvh = h / G;
+            const __half *kc = s.cache.as<__half>() + ((static_cast<int64_t>(l) * 2 * c.num_kv_heads + kvh) * s.n_ctx) * D;
+            const __half *vc = s.cache.as<__half>() + (((static_cast<int64_t>(l) * 2 + 1) * c.num_kv_heads + kvh) * s.n_ctx) * D;
+            const void **p = ptr + l * lstride;
+            p[0 * c.num_heads + h] = pw_.q.as<__half>() + static_cast<int64_t>(h) * D;
+            p[1 * c.num_heads + h] = kc;
+            p[2 * c.num_heads + h] = pw_.scores.as<float>() + static_cast<int64_t>(h) * n * L_keys;
+            p[3 * c.num_heads + h] = pw_.probs.as<__half>() + static_cast<int64_t>(h) * n * L_keys;
+            p[4 * c.num_heads + h] = vc;
+            p[5 * c.num_heads + h] = pw_.attn.as<__half>() + static_cast<int64_t>(h) * D;
+        }
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(pw_.cols.get(), ch, sizeof(StepColumn) * n, cudaMemcpyHostToDevice, stream_));
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(pw_.ptrs.get(), ptr, sizeof(void *) * n_ptrs, cudaMemcpyHostToDevice, stream_));
+
+    const StepColumn *cols = pw_.cols.as<StepColumn>();
+    float *resid = pw_.resid.as<float>();
+    __half *xn = pw_.xn.as<__half>();
+    float *y = pw_.y.as<float>();
+    launch_embed(embed_.weight->view, cols, n, c.hidden_size, resid, hs_, stream_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    for (int l = 0; l < c.num_layers; ++l) {
+        const Layer &L = layers_[l];
+        launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+
+        int64_t ldy = L.qkv.n_tiles * 16;
+        gemm_linear(L.qkv, xn, hs_, n, y, ldy);
+        Epilogue e;
+        e.mode = EPI_QKV;
+        e.n_rows = L.qkv.n_rows;
+        e.out_h = pw_.q.as<__half>();
+        e.ldo = qs_;
+        e.bias = L.qkv_bias.as<float>();
+        e.q_rows = q_rows_;
+        e.kv_rows = kv_rows_;
+        e.head_dim = D;
+        e.n_kv_heads = c.num_kv_heads;
+        e.layer = l;
+        e.inv_freq = inv_freq_.as<float>();
+        e.cols = cols;
+        launch_epilogue(e, L.qkv.n_tiles, 1, y, ldy, n, stream_);
+
+        void *const *dp = pw_.ptrs.as<void *>() + l * lstride;
+        const int H = c.num_heads;
+        cublas_->gemm_batched(n, L_keys, D, scale, dp + 0 * H, qs_, dp + 1 * H, D, true, 0.0f, dp + 2 * H,
+                              CUDA_R_32F, L_keys, H);
+        launch_causal_softmax(pw_.scores.as<float>(), pw_.probs.as<__half>(), H, n, L_keys, L_keys, p0, stream_);
+        cublas_->gemm_batched(n, D, L_keys, 1.0f, dp + 3 * H, L_keys, dp + 4 * H, D, false, 0.0f, dp + 5 * H,
+                              CUDA_R_16F, qs_, H);
+
+        ldy = L.o.n_tiles * 16;
+        gemm_linear(L.o, pw_.attn.as<__half>(), qs_, n, y, ldy);
+        Epilogue eo;
+        eo.mode = EPI_ADD;
+        eo.n_rows = L.o.n_rows;
+        eo.out_f32 = resid;
+        eo.ldo = hs_;
+        eo.bias = L.o_bias.as<float>();
+        launch_epilogue(eo, L.o.n_tiles, 1, y, ldy, n, stream_);
+
+        launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+        ldy = L.gate_up.n_tiles * 16;
+        gemm_linear(L.gate_up, xn, hs_, n, y, ldy);
+        Epilogue eg;
+        eg.mode = EPI_SWIGLU;
+        eg.n_rows = c.intermediate_size;
+        eg.out_h = pw_.act.as<__half>();
+        eg.ldo = is_;
+        eg.bias = L.gate_up_bias.as<float>();
+        launch_epilogue(eg, L.gate_up.n_tiles, 2, y, ldy, n, stream_);
+
+        ldy = L.down.n_tiles * 16;
+        gemm_linear(L.down, pw_.act.as<__half>(), is_, n, y, ldy);
+        Epilogue ed;
+        ed.mode = EPI_ADD;
+        ed.n_rows = L.down.n_rows;
+        ed.out_f32 = resid;
+        ed.ldo = hs_;
+        ed.bias = L.down_bias.as<float>();
+        launch_epilogue(ed, L.down.n_tiles, 1, y, ldy, n, stream_);
+    }
+    if (!logits || (!all && !last_chunk)) return;
+    // The head, through the GEMV, 16 rows at a time (only the last row unless all).
+    const int first = all ? 0 : n - 1;
+    const int64_t V = c.vocab_size;
+    for (int r0 = first; r0 < n; r0 += kMaxStepCols) {
+        const int rows = std::min(kMaxStepCols, n - r0);
+        launch_rmsnorm(resid + r0 * hs_, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn_.as<__half>(),
+                       hs_, rows, stream_);
+        GemvCall head = gemv_call(lm_head_, xn_.as<__half>(), hs_, rows);
+        head.epi.mode = EPI_F32;
+        head.epi.out_f32 = logits_dev_.as<float>();
+        head.epi.ldo = V;
+        launch_gemv(head, num_sms_, stream_);
+        copy_logits(rows, logits_dev_.as<float>(), all ? logits + (r0 - first) * V : logits);
+    }
+}
+
+void CudaBackend::linear_apply(const std::string &name, const float *x, int64_t batch, float *y) {
+    DeviceScope scope(device_);
+    auto it = by_name_.find(name);
+    if (it == by_name_.end()) throw InvalidArgument("the model has no linear tensor named '" + name + "'");
+    const LinearSlot &slot = it->second;
+    const int64_t K = slot.k, N = slot.n_rows, ks = round_up(K, 128);
+    const int64_t chunk = std::min<int64_t>(batch, kMaxStepCols);
+    DeviceBuffer xd(sizeof(__half) * chunk * ks, "linear_apply input");
+    DeviceBuffer yd(sizeof(float) * chunk * N, "linear_apply output");
+    std::vector<__half> xh(static_cast<size_t>(chunk * ks), __float2half(0.f));
+    for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+        const int64_t rows = std::min(chunk, batch - b0);
+        for (int64_t b = 0; b < rows; ++b)
+            for (int64_t k = 0; k < K; ++k) xh[b * ks + k] = __float2half(x[(b0 + b) * K + k]);
+        PUMICE_CUDA_CHECK(cudaMemcpyAsync(xd.get(), xh.data(), sizeof(__half) * rows * ks, cudaMemcpyHostToDevice, stream_));
+        GemvCall call = gemv_call(slot, xd.as<__half>(), ks, static_cast<int>(rows));
+        call.epi.mode = EPI_F32;
+        call.epi.out_f32 = yd.as<float>();
+        call.epi.ldo = N;
+        call.epi.perm_d = slot.perm_d;
+        launch_gemv(call, num_sms_, stream_);
+        PUMICE_CUDA_CHECK(cudaMemcpyAsync(y + b0 * N, yd.get(), sizeof(float) * rows * N, cudaMemcpyDeviceToHost, stream_));
+        PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+}
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(const ModelFile &file, const LlamaConfig &config, int device_index) {
+    return std::make_unique<cuda::CudaBackend>(file, config, device_index);
+}
+
+}  // namespace pumice
