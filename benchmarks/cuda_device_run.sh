@@ -55,7 +55,8 @@ export PUMICE_CUDA_LIBRARY=$LIBDIR/libpumice_cuda.so
 
 if [ "$WHAT" = all ] || [ "$WHAT" = test ]; then
     t0=$(date +%s)
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -30
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --timeout 120 \
+        tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
     echo "tests: $(( $(date +%s) - t0 )) s"
 fi
 

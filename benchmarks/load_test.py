@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -114,7 +113,7 @@ async def one_request(http: httpx.AsyncClient, base: str, index: int, args, phas
                       record: bool) -> None:
     body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-            "max_tokens": args.max_tokens, "temperature": 0.7, "seed": index,
+            "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": index,
             "ignore_eos": True}
     started = time.perf_counter()
     first = None
@@ -190,6 +189,15 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def gpu_name() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        return f" ({names[0].strip()})" if names and names[0].strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---:" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -203,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=30.0,
                         help="seconds of load per phase (default 30)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature of every request (0: greedy)")
     parser.add_argument("--max-requests-per-client", type=int, default=1000)
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--n-ctx", type=int, default=1024)
@@ -219,15 +229,21 @@ def main(argv=None) -> int:
         process, base = start_server(args.model, max(clients, 1), args)
         try:
             phases.append(asyncio.run(run_phase(base, clients, args)))
+        except httpx.HTTPError as exc:
+            if process.poll() is not None:
+                raise SystemExit(f"the server died during the {clients}-client phase "
+                                 f"(exit status {process.returncode})") from None
+            raise SystemExit(f"the {clients}-client phase failed: {exc}") from None
         finally:
             stop_server(process)
         print(f"{clients} client(s): done", file=sys.stderr, flush=True)
 
     print(f"command: python benchmarks/load_test.py {' '.join(argv or sys.argv[1:])}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
-          f"device {args.device}")
+          f"device {args.device}{gpu_name() if args.device.startswith('cuda') else ''}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-          f"model {Path(args.model).name}; {args.max_tokens} tokens per request")
+          f"model {Path(args.model).name}; {args.max_tokens} tokens per request, "
+          f"temperature {args.temperature}")
     print()
     print(markdown_table([p.row() for p in phases]))
     low, high = min(phases, key=lambda p: p.clients), max(phases, key=lambda p: p.clients)

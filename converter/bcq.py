@@ -382,7 +382,8 @@ def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.
                     names: list[str], hessians: Mapping[str, torch.Tensor] | None,
                     bits: float, group_size: int = DEFAULT_GROUP_SIZE,
                     candidates: tuple[int, ...] = DEFAULT_CANDIDATE_BITS, mixed: bool = True,
-                    progress: bool = False, **options) -> dict[str, BcqFit]:
+                    progress: bool = False, cache: "FitCache | None" = None,
+                    **options) -> dict[str, BcqFit]:
     """Fit every named layer: mixed=False gives every layer q = bits planes; mixed=True fits
     each at every candidate q and allocates under the budget of `bits` stored bits/weight."""
     get = weights if callable(weights) else weights.__getitem__
@@ -398,7 +399,12 @@ def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.
         h = None if hessians is None else hessians.get(name)
         fits[name] = {}
         for q in tried:
-            fits[name][q] = quantize_bcq(w, q, group_size, h, **options).compact()
+            fit = cache.load(name, q) if cache is not None else None
+            if fit is None:
+                fit = quantize_bcq(w, q, group_size, h, **options).compact()
+                if cache is not None:
+                    cache.store(name, fit)
+            fits[name][q] = fit
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -411,11 +417,52 @@ def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.
     return {name: fits[name][choice[name]] for name in names}
 
 
+class FitCache:
+    """Fitted layers on disk, so that several budgets (or a uniform and a mixed run) share the
+    expensive per-layer fits. The directory holds key.json (every setting the fits depend on);
+    a directory with another key is emptied first."""
+
+    def __init__(self, directory, key: dict):
+        import json
+        from pathlib import Path
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        key_file = self.directory / "key.json"
+        text = json.dumps(key, sort_keys=True)
+        if not key_file.exists() or key_file.read_text() != text:
+            for old in self.directory.glob("*.npz"):
+                old.unlink()
+            key_file.write_text(text)
+
+    def _path(self, name: str, q: int):
+        return self.directory / f"{name}.q{q}.npz"
+
+    def load(self, name: str, q: int) -> BcqFit | None:
+        path = self._path(name, q)
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            parts = {p: data[p] for p in ("planes", "exponents", "row_scales")}
+            meta = data["meta"]
+        fit = BcqFit(q, int(meta[0]), None, None, None, shape=(int(meta[1]), int(meta[2])))
+        fit.output_error = float(meta[3])
+        fit.weight_error = float(meta[4])
+        fit._parts = parts
+        return fit
+
+    def store(self, name: str, fit: BcqFit) -> None:
+        meta = np.array([fit.group_size, fit.shape[0], fit.shape[1], fit.output_error,
+                         fit.weight_error], np.float64)
+        tmp = self._path(name, fit.bits).with_suffix(".partial.npz")
+        np.savez(tmp, meta=meta, **fit.parts())
+        tmp.rename(self._path(name, fit.bits))
+
+
 # ---------------------------------------------------------------------------------------------
 # The conversion method.
 
-METHOD_OPTIONS = ("mixed", "candidates", "calib", "calib_sequences", "calib_seq_len",
-                  "calib_text", "calib_cache", "weight_objective", "row_scales")
+METHOD_OPTIONS = ("mixed", "candidates", "calib", "n_sequences", "seq_len", "calib_cache",
+                  "weight_objective", "row_scales", "fits_cache")
 
 
 def _parse_candidates(value) -> tuple[int, ...]:
@@ -436,7 +483,9 @@ def convert_bcq(ctx) -> None:
     linear layers, all overhead counted; each layer gets a q from `candidates` (default 2,3,4).
     With mixed=False every layer gets q = bits planes. calib=True (default) collects E[xxᵀ]
     of every layer input with pumice.converter.calibration (calib_sequences × calib_seq_len
-    tokens of calib_text, default the pydoc text) for the output-error objective.
+    tokens) for the output-error objective. calib: a text file (default: the pydoc text),
+    or "none" for the weight objective alone (no calibration). calib_cache: a file that keeps
+    the Hessians between conversions (same format and key as CALDERA's).
     """
     ctx.check_options(METHOD_OPTIONS)
     options = ctx.options
@@ -451,26 +500,41 @@ def convert_bcq(ctx) -> None:
 
     names = [n for n in ctx.checkpoint.tensor_names() if _is_linear(n)]
     hessians = None
-    if options.get("calib", True):
+    calib = options.get("calib")
+    calibrated = str(calib).lower() != "none"
+    if calibrated:
         from .calibration import collect_hessians
-        hessians = collect_hessians(ctx.checkpoint.directory, options.get("calib_text"),
-                                    int(options.get("calib_sequences", 32)),
-                                    int(options.get("calib_seq_len", 512)),
+        text = None
+        if calib is not None:
+            from pathlib import Path
+            if not Path(calib).is_file():
+                raise ValueError(f"calibration text file {calib!r} not found")
+            text = Path(calib).read_text(encoding="utf-8", errors="replace")
+        hessians = collect_hessians(ctx.checkpoint.directory, text,
+                                    int(options.get("n_sequences") or 32),
+                                    int(options.get("seq_len") or 512),
                                     cache_path=options.get("calib_cache"),
                                     progress=not getattr(ctx.progress, "disable", False))
+    cache = None
+    if options.get("fits_cache"):
+        cache = FitCache(options["fits_cache"], {
+            "source": str(ctx.checkpoint.directory.resolve()), "group_size": group_size,
+            "calib": str(calib), "n_sequences": options.get("n_sequences"),
+            "seq_len": options.get("seq_len"), **fit_options})
     fits = quantize_layers(lambda name: ctx.checkpoint.get(name).to(torch.float32), names,
                            hessians, budget if mixed else int(budget), group_size,
                            candidates if mixed else (int(budget),), mixed=mixed,
-                           progress=not getattr(ctx.progress, "disable", False), **fit_options)
+                           progress=not getattr(ctx.progress, "disable", False), cache=cache,
+                           **fit_options)
     del hessians
-    numel = sum(int(np.prod(fit.shape)) for fit in fits.values())
-    stored = sum(fit.bits_per_weight() * int(np.prod(fit.shape)) for fit in fits.values())
+    numel = sum(fit.shape[0] * fit.shape[1] for fit in fits.values())
+    stored = sum(fit.bits_per_weight() * fit.shape[0] * fit.shape[1] for fit in fits.values())
     histogram: dict[str, int] = {}
     for fit in fits.values():
         histogram[str(fit.bits)] = histogram.get(str(fit.bits), 0) + 1
     ctx.provenance.update({"bcq_bits_per_weight": round(stored / numel, 4),
                            "bcq_layers_per_bits": histogram, "bcq_mixed": mixed,
-                           "bcq_calibrated": options.get("calib", True)})
+                           "bcq_calibrated": calibrated})
 
     def quantize(ctx, name, weight):
         fit = fits.pop(name)

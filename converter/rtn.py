@@ -40,6 +40,16 @@ _F16_MAX = 65504.0
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="pumice-rtn")
+    return _POOL
+
+
 @contextlib.contextmanager
 def _one_torch_thread():
     previous = torch.get_num_threads()
@@ -170,8 +180,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROU
             for start in starts:
                 quantize_chunk(start)
         else:
-            with ThreadPoolExecutor(_WORKERS) as pool:
-                list(pool.map(quantize_chunk, starts))
+            list(_pool().map(quantize_chunk, starts))
     return {"codes": codes_out, "scales": scales_out, "mins": mins_out}
 
 

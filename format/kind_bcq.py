@@ -104,7 +104,7 @@ def _dequantize_bcq(view):
 
 
 def _summarize_bcq(shape, params):
-    return f"q={params.get('bits')} g={params.get('group_size')}"
+    return f"b={params.get('bits')} g={params.get('group_size')}"
 
 
 def stored_bits_per_weight(n: int, k: int, bits: int, group_size: int) -> float:

@@ -265,6 +265,9 @@ class PumiceFile:
         missing = {"kind", "shape", "params", "parts"} - set(entry)
         if missing:
             raise self._error(f"entry lacks {sorted(missing)}", name)
+        unknown = set(entry) - {"name", "kind", "shape", "params", "parts"}
+        if unknown:
+            raise self._error(f"entry has unknown keys {sorted(unknown)}", name)
         kind, shape, params, parts = entry["kind"], entry["shape"], entry["params"], entry["parts"]
         if not isinstance(kind, str):
             raise self._error(f"'kind' must be a string, got {kind!r}", name)
@@ -279,8 +282,10 @@ class PumiceFile:
             expected = expected_parts(kind, tuple(shape), params)
         except FormatError as err:
             raise self._error(str(err), name) from None
-        except (ValueError, TypeError, KeyError, OverflowError) as err:
-            raise self._error(f"kind {kind!r}: {err}", name) from None
+        except Exception as err:  # a kind's describe_fn may trip over any malformed params
+            raise self._error(f"kind {kind!r}: {type(err).__name__}: {err}"
+                              if not isinstance(err, ValueError) else f"kind {kind!r}: {err}",
+                              name) from None
         if set(parts) != set(expected):
             missing = sorted(set(expected) - set(parts))
             extra = sorted(set(parts) - set(expected))
@@ -297,6 +302,9 @@ class PumiceFile:
         missing = {"dtype", "shape", "offset", "length", "crc32"} - set(part)
         if missing:
             raise self._error(f"part entry lacks {sorted(missing)}", name, part_name)
+        unknown = set(part) - {"dtype", "shape", "offset", "length", "crc32"}
+        if unknown:
+            raise self._error(f"part entry has unknown keys {sorted(unknown)}", name, part_name)
         dtype, shape = part["dtype"], part["shape"]
         offset, length, crc = part["offset"], part["length"], part["crc32"]
         if not isinstance(dtype, str) or dtype not in DTYPES:

@@ -205,7 +205,7 @@ class PumiceWriter:
             expected = expected_parts(kind, tuple(shape), params)
         except FormatError as err:
             raise FormatError(f"{where}: {err}") from None
-        except (ValueError, TypeError, KeyError) as err:
+        except Exception as err:  # a kind's describe_fn may trip over malformed params
             raise FormatError(f"{where}: {err}") from None
         missing = sorted(set(expected) - set(normalized))
         extra = sorted(set(normalized) - set(expected))

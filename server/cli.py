@@ -51,6 +51,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="model id clients send (default: the file name without .pumice)")
     parser.add_argument("--threads", type=_non_negative, default=None,
                         help="CPU threads for the native runtime (default: all cores)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the CRC-32 check of the weights at load")
     parser.add_argument("--prefill-chunk", type=_positive, default=256,
                         help="prompt tokens prefilled per step while others decode (default 256)")
     parser.add_argument("--no-prefix-reuse", action="store_true",
@@ -87,7 +89,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("binding to %s without --api-key: anyone who can reach this address can "
                     "use the model", args.host)
     try:
-        model = ServedModel(path, device=args.device, n_ctx=args.n_ctx, n_threads=args.threads)
+        model = ServedModel(path, device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
+                            verify_checksums=not args.no_verify)
     except (PumiceError, ValueError, OSError) as exc:
         print(f"pumice serve: cannot load {path}: {exc}", file=sys.stderr)
         return 1

@@ -24,12 +24,13 @@ class ServedModel:
     """One .pumice file opened for serving: native model, tokenizer, chat template."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", n_ctx: Optional[int] = None,
-                 n_threads: Optional[int] = None):
+                 n_threads: Optional[int] = None, verify_checksums: bool = True):
         from ..format.reader import PumiceFile
 
         self.path = os.fspath(path)
-        self.native = NativeModel(self.path, device=device, n_threads=n_threads)
-        with PumiceFile(self.path) as pumice_file:
+        self.native = NativeModel(self.path, device=device, n_threads=n_threads,
+                                  verify_checksums=verify_checksums)
+        with PumiceFile(self.path, verify=False) as pumice_file:  # the native side verified it
             metadata = pumice_file.metadata
             self.tokenizer = Tokenizer.from_pumice(pumice_file)
         self.chat_template: Optional[str] = metadata.get("chat_template")

@@ -6,8 +6,7 @@ i.e. the dequantized weights computed exactly in float64):
   * f32 accumulation (dense GEMV/GEMM, rtn GEMM, rtn GEMV in exact mode):
         |y - y64| <= 1e-5 * sum_k |W[n, k] x[b, k]|
   * rtn GEMV with int8 activations (the default for batches of 1 to 4 tokens): x is rounded
-    to int8 per block
-    of 32 with step d = max|x_block| / 127, so each x_k moves by at most d/2:
+    to int8 per block of 32 with step d = max|x_block| / 127, so each x_k moves by at most d/2:
         |y - y64| <= 0.5 * (1 + 1e-4) * sum_k |scale[n, k/g] code[n, k]| * d_block(k)
                      + 1e-5 * sum_k |W[n, k] x[b, k]|
     (the mins are applied through exact f32 group sums of x, so they add no int8 error).

@@ -35,7 +35,7 @@ DEFAULT_ITERS = 2
 DEFAULT_SEQUENCES = 32
 DEFAULT_SEQ_LEN = 512
 OPTIONS = ("calib", "n_sequences", "seq_len", "calib_cache", "ranks", "q_bits", "lr_bits",
-           "iters", "seed", "device", "hessians", "q_group_sizes")
+           "iters", "seed", "device", "hessians", "q_group_sizes", "candidates_cache")
 
 
 def _round32(x: int) -> int:
@@ -114,6 +114,28 @@ def evaluate_matrix(weight: torch.Tensor, hessian: torch.Tensor, configs, seed: 
     return out
 
 
+def _load_candidates(path, settings):
+    """Candidates evaluated earlier with the same settings (one evaluation, many budgets)."""
+    if not path or not Path(path).is_file():
+        return None
+    import pickle
+    with open(path, "rb") as f:
+        blob = pickle.load(f)
+    return blob["choices"] if blob.get("settings") == settings else None
+
+
+def _save_candidates(path, settings, choices):
+    if not path:
+        return
+    import os
+    import pickle
+    partial = Path(str(path) + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "wb") as f:
+        pickle.dump({"settings": settings, "choices": choices}, f, protocol=4)
+    os.replace(partial, path)
+
+
 def _calibration_texts(option):
     if option is None:
         return None
@@ -151,30 +173,37 @@ def _convert(ctx: ConversionContext, with_q: bool) -> None:
         q_group_sizes = [ctx.group_size]
     started = time.time()
 
-    hessians = opts.get("hessians")
-    if hessians is None:
-        cache = opts.get("calib_cache")
-        hessians = collect_hessians(
-            ctx.checkpoint.directory, _calibration_texts(opts.get("calib")),
-            n_sequences=int(opts.get("n_sequences") or DEFAULT_SEQUENCES),
-            seq_len=int(opts.get("seq_len") or DEFAULT_SEQ_LEN),
-            device=opts.get("device"), cache_path=cache, progress=ctx.progress is not None
-            and not getattr(ctx.progress, "disable", False))
-    calib_seconds = time.time() - started
 
     names = [name for layer in range(ctx.config["num_hidden_layers"])
              for name in ctx.checkpoint.layer_names(layer) if is_decoder_linear(name)]
-    choices: list[list[Candidate]] = []
-    total_weights = 0
-    from tqdm.auto import tqdm
-    for index, name in enumerate(tqdm(names, desc=f"{ctx.method.name} candidates", leave=False,
-                                      disable=getattr(ctx.progress, "disable", False))):
-        weight = ctx.checkpoint.get(name).to(torch.float32)
-        total_weights += weight.numel()
-        configs = candidate_configs(tuple(weight.shape), q_bits, ranks, lr_bits, q_group_sizes,
-                                    with_q)
-        choices.append(evaluate_matrix(weight, hessians[name], configs, seed + 7919 * index,
-                                       iters, with_q))
+    settings = repr((ctx.method.name, q_bits, ranks, lr_bits, iters, seed, q_group_sizes,
+                     opts.get("calib"), opts.get("n_sequences"), opts.get("seq_len"),
+                     str(ctx.checkpoint.directory)))
+    choices = _load_candidates(opts.get("candidates_cache"), settings)
+    calib_seconds = 0.0
+    if choices is None:
+        hessians = opts.get("hessians")
+        if hessians is None:
+            cache = opts.get("calib_cache")
+            hessians = collect_hessians(
+                ctx.checkpoint.directory, _calibration_texts(opts.get("calib")),
+                n_sequences=int(opts.get("n_sequences") or DEFAULT_SEQUENCES),
+                seq_len=int(opts.get("seq_len") or DEFAULT_SEQ_LEN),
+                device=opts.get("device"), cache_path=cache, progress=ctx.progress is not None
+                and not getattr(ctx.progress, "disable", False))
+        calib_seconds = time.time() - started
+        choices = []
+        from tqdm.auto import tqdm
+        for index, name in enumerate(tqdm(names, desc=f"{ctx.method.name} candidates",
+                                          leave=False,
+                                          disable=getattr(ctx.progress, "disable", False))):
+            weight = ctx.checkpoint.get(name).to(torch.float32)
+            configs = candidate_configs(tuple(weight.shape), q_bits, ranks, lr_bits,
+                                        q_group_sizes, with_q)
+            choices.append(evaluate_matrix(weight, hessians[name], configs,
+                                           seed + 7919 * index, iters, with_q))
+        _save_candidates(opts.get("candidates_cache"), settings, choices)
+    total_weights = sum(int(np.prod(ctx.shape_of(name))) for name in names)
     selection = allocate(choices, budget * total_weights)
     chosen = {name: choices[i][selection[i]] for i, name in enumerate(names)}
     total_bits = sum(c.bits for c in chosen.values())

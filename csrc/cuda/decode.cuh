@@ -86,22 +86,24 @@ __device__ inline float weight_at(const WeightView &w, int64_t row, int64_t k) {
     const int rho = static_cast<int>(row % 16);
     const int ku = unit_k(w.bits);
     const int64_t unit = k / ku;
-    const int t = static_cast<int>((k % ku) / 16), kk = static_cast<int>(k % 16);
-    const int lane = (rho % 8) * 4 + (kk % 8) / 2;
-    const int r = rho / 8 + 2 * (kk / 8), h = kk % 2;
+    const int off = static_cast<int>(k % ku);
+    const int q = off / (ku / 4), rest = off % (ku / 4);
+    const int t = rest / 4, e = rest % 4;
+    const int lane = (rho % 8) * 4 + q;
+    const int r = rho / 8 + 2 * (e / 2), h = e % 2;
     const int64_t slot = (tile * w.units + unit) * 32 + lane;
-    const uint4 q = w.codes[slot];
+    const uint4 qv = w.codes[slot];
     if (w.bits == 16) {
-        const __half2 v = u32_as_half2(word_of(q, r));
+        const __half2 v = u32_as_half2(word_of(qv, r));
         return __half2float(h ? __high2half(v) : __low2half(v));
     }
     uint32_t pair;
     const uint2 q1 = w.bits == 3 ? w.plane1[slot] : make_uint2(0, 0);
     switch (w.bits) {
-        case 2: pair = code_pair<2>(q, q1, t, r); break;
-        case 3: pair = code_pair<3>(q, q1, t, r); break;
-        case 4: pair = code_pair<4>(q, q1, t, r); break;
-        default: pair = code_pair<8>(q, q1, t, r); break;
+        case 2: pair = code_pair<2>(qv, q1, t, r); break;
+        case 3: pair = code_pair<3>(qv, q1, t, r); break;
+        case 4: pair = code_pair<4>(qv, q1, t, r); break;
+        default: pair = code_pair<8>(qv, q1, t, r); break;
     }
     const float c = static_cast<float>(h ? (pair >> 16) : (pair & 0xFFFF));
     const int64_t g = k / w.group_size;

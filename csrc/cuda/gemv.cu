@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
     for (int nt = 0; nt < NT; ++nt) {
         const int n = nt * 8 + bn;
         xvalid[nt] = n < call.batch;
-        xrow[nt] = call.x + static_cast<int64_t>(xvalid[nt] ? n : 0) * call.ldx + c0;
+        xrow[nt] = call.x + static_cast<int64_t>(xvalid[nt] ? n : 0) * call.ldx + (lane % 4) * (KU / 4);
     }
 
     float acc[R][NT][4];
@@ -140,7 +140,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
             for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.f;
 
     const int64_t units = w.units;
-    const int tiles_per_group = w.group_size / 16;
     uint4 next_q[R];
     uint2 next_q1[R];
     auto fetch = [&](int64_t u, uint4 *q, uint2 *q1) {
@@ -161,36 +160,36 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
         for (int t = 0; t < R; ++t) { q[t] = next_q[t]; q1[t] = next_q1[t]; }
         if (u + kWarps < units) fetch(u + kWarps, next_q, next_q1);
 
-        // Group of each k-tile without a division per tile: one per unit, then a counter.
-        const int tile0 = static_cast<int>(u) * KT;
-        int grp = 0, rem = 0;
+        // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
+        uint2 xs[NT][KT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const __half *xp = xrow[nt] + u * KU;
+            if constexpr (KT % 2 == 0) {
+#pragma unroll
+                for (int j = 0; j < KT / 2; ++j) {
+                    const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * j) : make_uint4(0, 0, 0, 0);
+                    xs[nt][2 * j] = make_uint2(v.x, v.y);
+                    xs[nt][2 * j + 1] = make_uint2(v.z, v.w);
+                }
+            } else {
+                xs[nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
+            }
+        }
+        // One quantization group per lane and unit.
         uint2 sm[R];
         if constexpr (BITS != 16) {
-            grp = tile0 / tiles_per_group;
-            rem = tile0 - grp * tiles_per_group;
+            const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
 #pragma unroll
             for (int t = 0; t < R; ++t) sm[t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
         }
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt) {
-            const int64_t k0 = u * KU + kt * 16;
-            if constexpr (BITS != 16) {
-                if (kt > 0 && ++rem == tiles_per_group) {
-                    rem = 0;
-                    ++grp;
-#pragma unroll
-                    for (int t = 0; t < R; ++t) sm[t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
-                }
-            }
             uint32_t b[NT][2];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                if (xvalid[nt]) {
-                    b[nt][0] = *reinterpret_cast<const uint32_t *>(xrow[nt] + k0);
-                    b[nt][1] = *reinterpret_cast<const uint32_t *>(xrow[nt] + k0 + 8);
-                } else {
-                    b[nt][0] = b[nt][1] = 0u;
-                }
+                b[nt][0] = xs[nt][kt].x;
+                b[nt][1] = xs[nt][kt].y;
             }
 #pragma unroll
             for (int t = 0; t < R; ++t) {
@@ -246,17 +245,17 @@ __global__ void dequantize_f16_kernel(const WeightView w, int64_t n_tiles, __hal
     const int64_t slot = (tile * w.units + u) * 32 + lane;
     const uint4 q = w.codes[slot];
     const uint2 q1 = BITS == 3 ? w.plane1[slot] : make_uint2(0, 0);
+    uint2 sm = make_uint2(0, 0);
+    if constexpr (BITS != 16)
+        sm = w.scale_min[(tile * w.groups + static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size) * 8 + lane / 4];
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
-        const int64_t k0 = u * KU + kt * 16;
-        uint2 sm = make_uint2(0, 0);
-        if constexpr (BITS != 16) sm = w.scale_min[(tile * w.groups + static_cast<int>(k0) / w.group_size) * 8 + lane / 4];
         uint32_t a[4];
         decode_ktile<BITS>(q, q1, kt, sm, a);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int64_t row = tile * 16 + frag_row(lane, r);
-            const int64_t k = k0 + frag_k(lane, r, 0);
+            const int64_t k = u * KU + unit_offset(BITS, lane, kt, r, 0);
             *reinterpret_cast<uint32_t *>(out + row * w.kp + k) = a[r];
         }
     }

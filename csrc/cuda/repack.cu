@@ -47,7 +47,7 @@ __global__ void repack_codes_kernel(const RepackSource s, uint4 *codes, uint2 *p
             const int64_t lrow = ltile * 16 + frag_row(lane, r);
             const int64_t row = lrow < s.n ? source_row(lrow, s.perm_d) : lrow;
             for (int h = 0; h < 2; ++h) {
-                const int64_t k = u * KU + t * 16 + frag_k(lane, r, h);
+                const int64_t k = u * KU + unit_offset(BITS, lane, t, r, h);
                 if constexpr (BITS == 16) {
                     const __half v = dense_value(s, row, k);
                     const uint32_t bitsv = __half_as_ushort(v);

@@ -6,8 +6,13 @@
 //
 //   row tile  = 16 output rows; k-tile = 16 inputs; one k-tile of one row tile is one mma A.
 //   lane L, register r (0..3), half h (0 = low, 1 = high) of a k-tile holds the weight at
-//       row  = L/4 + 8*(r%2),   k = 2*(L%4) + 8*(r/2) + h          (PTX's A fragment order)
-//   unit      = KU consecutive inputs of a row tile, 16 bytes per lane (512 bytes per warp):
+//       row  = L/4 + 8*(r%2)                                       (PTX's A fragment order)
+//   unit      = KU consecutive inputs of a row tile, 16 bytes per lane (512 bytes per warp).
+//       The dot product does not care which input sits at which mma k position, so each lane
+//       quad q = L%4 owns the KU/4 consecutive inputs [q*KU/4, (q+1)*KU/4) of the unit, and in
+//       k-tile t its four entries (r/2, h) are inputs 4t + 2*(r/2) + h of that range. A lane's
+//       activations for a whole unit are then one contiguous run (16-byte loads, no shuffles),
+//       and lie in one quantization group (one scale load per unit).
 //       bits 2  : KU = 128 (8 k-tiles). Word j holds k-tiles 2j, 2j+1; slot i = (t%2)*4 + r;
 //                 low code at bits 2i, high code at bits 16+2i.
 //       bits 3  : as bits 2 for the low two bits of each code, plus an 8-byte plane per lane
@@ -39,7 +44,10 @@ __host__ __device__ constexpr int unit_ktiles(int bits) { return unit_k(bits) / 
 
 // Where a lane's (register, half) of a k-tile sits inside the tile.
 __host__ __device__ inline int frag_row(int lane, int r) { return lane / 4 + 8 * (r % 2); }
-__host__ __device__ inline int frag_k(int lane, int r, int h) { return 2 * (lane % 4) + 8 * (r / 2) + h; }
+// Input (within its unit) of a lane's (k-tile, register, half).
+__host__ __device__ inline int unit_offset(int bits, int lane, int t, int r, int h) {
+    return (lane % 4) * (unit_k(bits) / 4) + 4 * t + 2 * (r / 2) + h;
+}
 
 // Source row of a row stored at `row` of a tensor whose rows are RoPE-permuted in heads of D
 // (perm_d == 0: no permutation). Rows 0..7 of the j-th tile of a head are dims 8j..8j+7,

@@ -53,4 +53,33 @@ uint32_t crc32(uint32_t crc, const void *data, size_t length) {
     return ~c;
 }
 
+// Polynomials modulo P in the reflected representation: bit 31 holds x^0, bit 0 holds x^31.
+namespace {
+
+uint32_t multiply_mod_p(uint32_t a, uint32_t b) {
+    uint32_t product = 0;
+    for (uint32_t m = 1u << 31; m; m >>= 1) {
+        if (a & m) product ^= b;
+        b = (b & 1) ? (b >> 1) ^ 0xEDB88320u : b >> 1;  // b *= x
+    }
+    return product;
+}
+
+// x^(8 n) mod P: appending n zero bytes multiplies a CRC's polynomial by it.
+uint32_t x_pow_8n_mod_p(uint64_t n) {
+    uint32_t result = 1u << 31;         // 1
+    uint32_t square = 1u << (31 - 8);   // x^8
+    for (; n; n >>= 1) {
+        if (n & 1) result = multiply_mod_p(square, result);
+        square = multiply_mod_p(square, square);
+    }
+    return result;
+}
+
+}  // namespace
+
+uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
+    return multiply_mod_p(x_pow_8n_mod_p(length_b), crc_a) ^ crc_b;
+}
+
 }  // namespace pumice

@@ -393,34 +393,54 @@ void RtnLinear::gemv(const float *x, float *y, ThreadPool &pool, RtnActivations 
     });
 }
 
+namespace {
+#if PUMICE_HAVE_AVX2
+// Blocks [block_begin, block_end) of one row → floats in kernel order; scale and min are
+// converted once per group rather than once per block.
+template <int B>
+void dequantize_blocks_avx2(const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
+                            int64_t blocks_per_group, int64_t block_begin, int64_t block_end,
+                            float *out) {
+    int64_t blk = block_begin;
+    while (blk < block_end) {
+        const int64_t gi = blk / blocks_per_group;
+        const int64_t group_end = std::min(block_end, (gi + 1) * blocks_per_group);
+        const __m256 sv = _mm256_set1_ps(_cvtsh_ss(scales[gi]));
+        const __m256 mv = _mm256_set1_ps(_cvtsh_ss(mins[gi]));
+        for (; blk < group_end; ++blk, out += kBlock) {
+            __m256 cf[4];
+            codes_to_f32(unpack32<B>(codes + blk * 4 * B), cf);
+            for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(cf[j], sv, mv));
+        }
+    }
+}
+#endif
+}  // namespace
+
 void RtnLinear::dequantize_blocks(int64_t row, int64_t block_begin, int64_t block_end,
                                   float *out) const {
     const uint8_t *codes = codes_ + row * row_bytes_;
-    const int64_t block_bytes = 4 * bits_;
+    const uint16_t *scales = scales_ + row * n_groups_;
+    const uint16_t *mins = mins_ + row * n_groups_;
     const int64_t blocks_per_group = group_size_ / kBlock;
+#if PUMICE_HAVE_AVX2
+    switch (bits_) {
+        case 2: dequantize_blocks_avx2<2>(codes, scales, mins, blocks_per_group, block_begin, block_end, out); break;
+        case 3: dequantize_blocks_avx2<3>(codes, scales, mins, blocks_per_group, block_begin, block_end, out); break;
+        case 4: dequantize_blocks_avx2<4>(codes, scales, mins, blocks_per_group, block_begin, block_end, out); break;
+        default: dequantize_blocks_avx2<8>(codes, scales, mins, blocks_per_group, block_begin, block_end, out); break;
+    }
+#else
+    const int64_t block_bytes = 4 * bits_;
+    uint8_t c[kBlock];
     for (int64_t blk = block_begin; blk < block_end; ++blk, out += kBlock) {
         const int64_t gi = blk / blocks_per_group;
-        const float s = simd::f16_to_f32(scales_[row * n_groups_ + gi]);
-        const float m = simd::f16_to_f32(mins_[row * n_groups_ + gi]);
-        const uint8_t *p = codes + blk * block_bytes;
-#if PUMICE_HAVE_AVX2
-        __m256i c;
-        switch (bits_) {
-            case 2: c = unpack32<2>(p); break;
-            case 3: c = unpack32<3>(p); break;
-            case 4: c = unpack32<4>(p); break;
-            default: c = unpack32<8>(p); break;
-        }
-        __m256 cf[4];
-        codes_to_f32(c, cf);
-        const __m256 sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(m);
-        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(cf[j], sv, mv));
-#else
-        uint8_t c[kBlock];
-        unpack_block_scalar(p, bits_, c);
+        const float s = simd::f16_to_f32(scales[gi]);
+        const float m = simd::f16_to_f32(mins[gi]);
+        unpack_block_scalar(codes + blk * block_bytes, bits_, c);
         for (int lane = 0; lane < kBlock; ++lane) out[lane] = s * float(c[lane]) + m;
-#endif
     }
+#endif
 }
 
 const float *RtnLinear::load_rows(const void *ctx, int64_t row, int64_t k0, int64_t k1,

@@ -240,6 +240,49 @@ void tile_int8_avx2(const BcqMatrix &w, int64_t t, const int8_t *tab, const floa
                          _mm256_loadu_ps(w.row_scales.data() + t * kTileRows + 8 * s)));
 }
 
+// Dequant-then-FMA for one row (the baseline LUT GEMM is compared against): each byte of a
+// plane becomes eight ±α lanes (compare the broadcast byte with the bit masks, blend), the q
+// planes are summed to eight weights, and one FMA per eight weights takes the product.
+float row_dequant_dot_avx2(const BcqMatrix &w, int64_t row, const float *x) {
+    const int q = w.bits;
+    const int64_t kb = w.col_bytes(), groups = w.groups(), gbytes = w.group_size / 8;
+    const int64_t t = row / kTileRows, r = row % kTileRows;
+    const uint8_t *tp = w.planes + t * kb * q * kTileRows + r;
+    const int8_t *te = w.exponents + t * groups * q * kTileRows + r;
+    const __m256i bit_masks = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const float rs = w.row_scales[row];
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.0f;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        __m256 pos[kMaxBits], neg[kMaxBits];
+        for (int i = 0; i < q; ++i) {
+            pos[i] = _mm256_set1_ps(rs * pow2f(te[(gi * q + i) * kTileRows]));
+            neg[i] = _mm256_sub_ps(_mm256_setzero_ps(), pos[i]);
+        }
+        const int64_t j1 = std::min(kb, (gi + 1) * gbytes);
+        for (int64_t j = gi * gbytes; j < j1; ++j) {
+            __m256 w8 = _mm256_setzero_ps();
+            for (int i = 0; i < q; ++i) {
+                const __m256i b = _mm256_set1_epi32(tp[(j * q + i) * kTileRows]);
+                const __m256 on = _mm256_castsi256_ps(
+                    _mm256_cmpeq_epi32(_mm256_and_si256(b, bit_masks), bit_masks));
+                w8 = _mm256_add_ps(w8, _mm256_blendv_ps(neg[i], pos[i], on));
+            }
+            if (8 * j + 8 <= w.cols) {
+                acc = _mm256_fmadd_ps(w8, _mm256_loadu_ps(x + 8 * j), acc);
+            } else {
+                alignas(32) float lanes[8];
+                _mm256_store_ps(lanes, w8);
+                for (int64_t k = 8 * j; k < w.cols; ++k) tail += lanes[k - 8 * j] * x[k];
+            }
+        }
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(h) + tail;
+}
+
 inline float dot_f32(const float *a, const float *b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t k = 0;
@@ -346,6 +389,15 @@ void lut_gemm(const BcqMatrix &w, LutMode mode, const float *x, int64_t batch, f
     const int64_t N = w.rows, K = w.cols, kb = w.col_bytes(), tiles = w.tiles();
 
     if (mode == LutMode::Dequant) {
+#ifdef PUMICE_BCQ_AVX2
+        pool.parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t)
+                for (int64_t n = t * kTileRows; n < std::min(N, (t + 1) * kTileRows); ++n)
+                    for (int64_t b = 0; b < batch; ++b)
+                        y[b * N + n] = row_dequant_dot_avx2(w, n, x + b * K);
+        });
+        return;
+#endif
         pool.parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
             std::vector<float> row(static_cast<size_t>(K));
             for (int64_t t = t0; t < t1; ++t) {

@@ -13,7 +13,10 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <set>
+#include <system_error>
+#include <thread>
 
 #include "crc32.h"
 #include "errors.h"
@@ -51,6 +54,54 @@ bool parse_dtype(const std::string &name, DType &out) {
     for (const auto &e : table)
         if (name == e.first) { out = e.second; return true; }
     return false;
+}
+
+struct CrcCheck {
+    const uint8_t *data;
+    uint64_t length;
+    uint32_t expected;
+    std::string where;
+    uint32_t actual;
+};
+
+// Checksums every part; the work is split across threads in slices that are then combined in
+// order, so one huge part (an embedding) does not serialise the check. The weights of a large
+// model are gigabytes, which one core would need seconds to read through.
+void verify_crcs(std::vector<CrcCheck> &checks) {
+    constexpr uint64_t kSlice = 8u << 20;
+    struct Slice {
+        size_t check;
+        uint64_t begin, end;
+        uint32_t crc;
+    };
+    std::vector<Slice> slices;
+    for (size_t i = 0; i < checks.size(); ++i) {
+        const uint64_t n = checks[i].length;
+        if (n == 0) slices.push_back({i, 0, 0, 0});
+        for (uint64_t b = 0; b < n; b += kSlice) slices.push_back({i, b, std::min(n, b + kSlice), 0});
+    }
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+        for (size_t s; (s = next.fetch_add(1)) < slices.size();) {
+            Slice &sl = slices[s];
+            sl.crc = crc32(checks[sl.check].data + sl.begin, static_cast<size_t>(sl.end - sl.begin));
+        }
+    };
+    unsigned n_threads = std::min<unsigned>(std::max(1u, std::thread::hardware_concurrency()), 16);
+    n_threads = static_cast<unsigned>(std::min<size_t>(n_threads, slices.size() / 2 + 1));
+    std::vector<std::thread> threads;
+    try {
+        for (unsigned t = 1; t < n_threads; ++t) threads.emplace_back(work);
+    } catch (const std::system_error &) {
+        // No more threads: the ones we have (at least this one) finish the job.
+    }
+    work();
+    for (auto &t : threads) t.join();
+    for (CrcCheck &c : checks) c.actual = 0;
+    for (const Slice &sl : slices)
+        checks[sl.check].actual = sl.begin == 0 ? sl.crc
+                                                : crc32_combine(checks[sl.check].actual, sl.crc,
+                                                                sl.end - sl.begin);
 }
 
 // Closes a file descriptor on every path out of open().
@@ -260,6 +311,7 @@ std::unique_ptr<ModelFile> ModelFile::open(const std::string &path, bool verify_
         std::string part;
     };
     std::vector<Region> regions;
+    std::vector<CrcCheck> checks;
 
     // Reads a non-negative integer field, with a message naming where it sits.
     auto get_uint = [&](const Json &obj, const char *key, const std::string &ctx) -> uint64_t {
@@ -359,12 +411,7 @@ std::unique_ptr<ModelFile> ModelFile::open(const std::string &path, bool verify_
                            std::to_string(data_length) + " bytes)");
             part.data = data + offset;
             part.length = length;
-            if (verify_checksums) {
-                uint32_t actual = crc32(part.data, static_cast<size_t>(length));
-                if (actual != static_cast<uint32_t>(crc))
-                    throw fail(pctx + ": CRC-32 mismatch (stored " + hex32(static_cast<uint32_t>(crc)) +
-                               ", computed " + hex32(actual) + "): the tensor data is corrupt");
-            }
+            if (verify_checksums) checks.push_back({part.data, length, static_cast<uint32_t>(crc), pctx, 0});
             entry.parts.emplace(pkv.first, std::move(part));
             regions.push_back({offset, length, nullptr, pkv.first});
         }
@@ -405,6 +452,14 @@ std::unique_ptr<ModelFile> ModelFile::open(const std::string &path, bool verify_
             throw fail("tensor '" + *r.tensor + "' part '" + r.part + "' overlaps tensor '" +
                        *prev->tensor + "' part '" + prev->part + "'");
         prev = &r;
+    }
+
+    if (verify_checksums) {
+        verify_crcs(checks);
+        for (const CrcCheck &c : checks)  // report the first bad part in file order
+            if (c.actual != c.expected)
+                throw fail(c.where + ": CRC-32 mismatch (stored " + hex32(c.expected) + ", computed " +
+                           hex32(c.actual) + "): the tensor data is corrupt");
     }
 
     mf->metadata_ = *metadata;
