@@ -355,11 +355,6 @@ def main() -> None:
         c = full_config(SHAPES[shape_name])
         entry = {"config": c, "kinds": {}}
         results["models"][shape_name] = entry
-        if not args.no_hf:
-            t = time.perf_counter()
-            entry["transformers_fp16"] = run_worker(["hf", shape_name, quick], 400)
-            print(f"{shape_name} transformers: {json.dumps(entry['transformers_fp16'])[:400]} "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
         for kind in args.kinds.split(","):
             path = work / f"{shape_name}-{kind}.pumice"
             t = time.perf_counter()
@@ -385,6 +380,12 @@ def main() -> None:
             entry["kinds"][kind] = r
             print(f"{shape_name} {kind}: {json.dumps(r)[:1500]} ({time.perf_counter() - t:.0f} s)", flush=True)
             path.unlink(missing_ok=True)
+            (out_dir / "bench_cuda.json").write_text(json.dumps(results, indent=1))
+        if not args.no_hf:
+            t = time.perf_counter()
+            entry["transformers_fp16"] = run_worker(["hf", shape_name, quick], 400)
+            print(f"{shape_name} transformers: {json.dumps(entry['transformers_fp16'])[:400]} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
             (out_dir / "bench_cuda.json").write_text(json.dumps(results, indent=1))
     (out_dir / "bench_cuda.json").write_text(json.dumps(results, indent=1))
     print_table(results)

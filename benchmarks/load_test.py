@@ -1,6 +1,7 @@
 """Load test of `pumice serve`: concurrent streaming clients against a server it starts itself.
 
     python benchmarks/load_test.py MODEL.pumice [--clients 1 8] [--duration 30] [--max-tokens 64]
+    python benchmarks/load_test.py --random-like HF_DIR [...]   # random weights, HF_DIR's shape
 
 For each client count the server is started afresh (on a free loopback port, --max-batch at
 least the client count), warmed up with one request, then every client runs a loop of streamed
@@ -189,6 +190,30 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def random_model(hf_dir: Path) -> str:
+    """A .pumice file shaped like hf_dir's model, with random weights (seed 0)."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pumice.converter import convert
+
+    folder = Path(tempfile.mkdtemp(prefix="pumice-load-test-"))
+    checkpoint = folder / "checkpoint"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir))
+    model.to(torch.bfloat16).save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                 "chat_template.jinja", "special_tokens_map.json"):
+        if (hf_dir / name).exists():
+            shutil.copy(hf_dir / name, checkpoint / name)
+    output = folder / "random.pumice"
+    convert(checkpoint, output, method="dense")
+    return str(output)
+
+
 def gpu_name() -> str:
     try:
         names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -206,7 +231,12 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="the .pumice file to serve")
+    parser.add_argument("model", nargs="?", help="the .pumice file to serve")
+    parser.add_argument("--random-like", metavar="HF_DIR",
+                        help="instead of MODEL, serve a model with HF_DIR's config and tokenizer "
+                             "and random weights (converted dense into a temporary folder): "
+                             "throughput does not depend on the weights' values, and machines "
+                             "that cannot hold the real checkpoint can still be measured")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--duration", type=float, default=30.0,
                         help="seconds of load per phase (default 30)")
@@ -221,6 +251,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.clients) or args.duration <= 0 or args.max_tokens < 1:
         parser.error("client counts, --duration and --max-tokens must be positive")
+    if (args.model is None) == (args.random_like is None):
+        parser.error("give either MODEL or --random-like HF_DIR")
+    if args.random_like:
+        args.model = random_model(Path(args.random_like))
     if not Path(args.model).is_file():
         parser.error(f"no such file: {args.model}")
 

@@ -106,16 +106,46 @@ def _sign_patterns(q: int) -> torch.Tensor:
     return ((m >> torch.arange(q)) & 1).float() * 2 - 1
 
 
-def _nearest(w: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest grid value per weight. w [..., g], alpha [..., q] -> (pattern index [..., g],
-    value). A binary search over the sorted grid's midpoints, not a [..., g, 2^q] distance
-    table: the fit spends most of its time here."""
+def _nearest_search(w: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest grid value by a binary search over the sorted grid (any α)."""
     levels = alpha @ patterns.T  # [..., 2^q]
     sorted_levels, order = levels.sort(-1)
     midpoints = (sorted_levels[..., 1:] + sorted_levels[..., :-1]) * 0.5
     position = torch.searchsorted(midpoints.contiguous(), w.contiguous())
     return order.gather(-1, position), sorted_levels.gather(-1, position)
+
+
+def _nearest(w: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest grid value per weight. w [..., g], alpha [..., q] (≥ 0) -> (pattern index
+    [..., g], value).
+
+    When the α's sorted in descending order satisfy α_(i) ≥ Σ_{j>i} α_(j) — always true for
+    powers of two that are distinct, and for pairs of equal ones — the grid is ordered by the
+    sign of the largest α first, so choosing each sign greedily (the sign of the residual) is
+    exactly the nearest value: q cheap passes instead of a search. Groups without the property
+    (float α during ALS, three equal exponents) take the search."""
+    q = alpha.shape[-1]
+    a_sorted, perm = alpha.sort(-1, descending=True)
+    tails = a_sorted.flip(-1).cumsum(-1).flip(-1)  # Σ_{j>=i}
+    greedy_ok = (a_sorted[..., :-1] >= (tails[..., 1:] * (1 - 1e-6))).all(-1)
+    residual = w.clone()
+    value = torch.zeros_like(w)
+    index = torch.zeros(w.shape, dtype=torch.long)
+    for rank in range(q):
+        a = a_sorted[..., rank:rank + 1]
+        positive = residual >= 0
+        step = torch.where(positive, a, -a)
+        residual -= step
+        value += step
+        index |= positive.long() << perm[..., rank:rank + 1]
+    if not bool(greedy_ok.all()):
+        bad = ~greedy_ok
+        idx_s, val_s = _nearest_search(w[bad], alpha[bad], patterns)
+        index[bad] = idx_s
+        value[bad] = val_s
+    return index, value
 
 
 def _float_bcq(w: torch.Tensor, q: int, steps: int, patterns: torch.Tensor) -> torch.Tensor:
@@ -160,9 +190,13 @@ def _uniform_exponents(w: torch.Tensor, row_scale: torch.Tensor, q: int,
     peak = w.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     top = torch.round(torch.log2(peak / row_scale * 2.0 ** (q - 1) / (2.0 ** q - 1)))
     best_e = best_err = None
+    odd_max = 2.0 ** q - 1
     for shift in (-1.0, 0.0, 1.0):
         e = (top + shift + shape).clamp(MIN_EXPONENT, MAX_EXPONENT)
-        err = _group_error(w, row_scale * torch.exp2(e), patterns)
+        # The grid c·{±1, ±3, ..., ±(2^q - 1)} in closed form (c = the smallest α).
+        c = row_scale * torch.exp2(e[..., -1:])
+        value = c * torch.clamp(2 * torch.floor(w / (2 * c)) + 1, -odd_max, odd_max)
+        err = ((w - value) ** 2).sum(-1)
         if best_e is None:
             best_e, best_err = e, err
         else:
@@ -257,6 +291,19 @@ def quantize_bcq(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROU
     `step`: columns quantized together between error updates (1 is column-by-column GPTQ)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bcq bits must be in 1..8, got {bits}")
+    # The fit is thousands of small tensor ops: torch's intra-op threads cost more in hand-offs
+    # than they return (8x slower on a busy 2-core machine), so it runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _quantize_bcq(weight, bits, group_size, hessian, weight_objective, als_steps,
+                             exponent_sweeps, row_scales, step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize_bcq(weight, bits, group_size, hessian, weight_objective, als_steps,
+                  exponent_sweeps, row_scales, step) -> BcqFit:
     if group_size % 8 or not 8 <= group_size <= 1024:
         raise ValueError(f"bcq group_size must be a multiple of 8 in 8..1024, got {group_size}")
     w_orig = weight.detach().float().cpu()

@@ -83,7 +83,12 @@ class EmbeddingPolicy:
             return cls("dense", _TORCH_DTYPES[text])
         match = re.fullmatch(r"rtn(\d+)(?:g(\d+))?", text)
         if match:
-            return cls("rtn", None, int(match.group(1)), int(match.group(2) or 32))
+            from .rtn import RTN_BITS
+            bits, group_size = int(match.group(1)), int(match.group(2) or 32)
+            if bits not in RTN_BITS or group_size % 32 or not 32 <= group_size <= 4096:
+                raise ValueError(f"embedding {value!r}: rtn needs bits in {RTN_BITS} and a group "
+                                 f"size that is a multiple of 32 in [32, 4096]")
+            return cls("rtn", None, bits, group_size)
         raise ValueError(f"embedding {value!r}: expected 'dense', 'f32', 'f16', 'bf16', 'rtnB' or "
                          f"'rtnBgG' (e.g. rtn8g32)")
 
@@ -246,8 +251,13 @@ def _convert_dense(ctx: ConversionContext) -> None:
 def _convert_rtn(ctx: ConversionContext) -> None:
     ctx.check_options(("grid", "refine_steps"))
     from .rtn import RTN_BITS
-    if ctx.bits not in RTN_BITS:
+    if ctx.bits not in RTN_BITS or isinstance(ctx.bits, bool):
         raise ValueError(f"method 'rtn' needs bits in {RTN_BITS}, got {ctx.bits}")
+    ctx.bits = int(ctx.bits)
+    if not isinstance(ctx.group_size, int) or ctx.group_size % 32 or \
+            not 32 <= ctx.group_size <= 4096:
+        raise ValueError(f"method 'rtn' needs a group size that is a multiple of 32 in "
+                         f"[32, 4096], got {ctx.group_size}")
     grid = ctx.options.get("grid")
     refine = ctx.options.get("refine_steps", 2)
 

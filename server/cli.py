@@ -91,8 +91,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         model = ServedModel(path, device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
                             verify_checksums=not args.no_verify)
-    except (PumiceError, ValueError, OSError) as exc:
-        print(f"pumice serve: cannot load {path}: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 — any failure here means: nothing to serve
+        kind = "" if isinstance(exc, (PumiceError, ValueError, OSError)) else \
+            f" ({type(exc).__name__}; is the native library current?)"
+        print(f"pumice serve: cannot load {path}: {exc}{kind}", file=sys.stderr)
         return 1
     name = args.model_name or path.name.removesuffix(".pumice")
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,

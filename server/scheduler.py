@@ -479,7 +479,7 @@ class Engine:
         # Alone, prompts go faster in bigger chunks; the cap keeps cancellations and new
         # arrivals noticed between chunks of a very long prompt.
         budget = self.prefill_chunk if decoding else 4 * self.prefill_chunk
-        done: list[tuple[_Sequence, Optional[str]]] = []
+        ready: list[tuple[_Sequence, np.ndarray]] = []  # logits to sample from
         for seq in [s for s in self._active if s.next_input is None]:
             if budget <= 0:
                 break
@@ -496,7 +496,7 @@ class Engine:
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if seq.prefilled == len(seq.prompt):
-                done.append((seq, self._sample(seq, logits)))
+                ready.append((seq, logits))
         if decoding:
             started = time.perf_counter()
             tokens = [seq.next_input for seq in decoding]
@@ -514,12 +514,16 @@ class Engine:
                 self.metrics.add_decode(len(decoding), time.perf_counter() - started)
                 for seq, logits in zip(decoding, all_logits):
                     seq.slot.cached.append(seq.next_input)
-                    done.append((seq, self._sample(seq, logits)))
-        finished = {id(seq) for seq, reason in done if reason is not None}
+                    ready.append((seq, logits))
+        done = self._sample_all(ready)
+        for seq, outcome in done:
+            if isinstance(outcome, Exception):
+                self._fail_now(seq, outcome)
+        finished = {id(seq) for seq, outcome in done if isinstance(outcome, str)}
         with self._cond:
-            for seq, reason in done:
-                if reason is not None:
-                    self._finish(seq, reason)
+            for seq, outcome in done:
+                if isinstance(outcome, str):
+                    self._finish(seq, outcome)
             if finished:
                 self._active = [seq for seq in self._active if id(seq) not in finished]
             self._update_gauges()
@@ -533,6 +537,19 @@ class Engine:
             self._fail(seq, _as_api_error(exc))
             self._active = [s for s in self._active if s is not seq]
             self._update_gauges()
+
+    def _sample_all(self, ready: list[tuple[_Sequence, np.ndarray]]) -> list[tuple]:
+        """Each sequence's next token: (sequence, finish reason or None, or the exception).
+
+        (Sampling the batch in a thread pool was tried: slower, see docs/PERFORMANCE.md.)
+        """
+        outcomes = []
+        for seq, logits in ready:
+            try:
+                outcomes.append((seq, self._sample(seq, logits)))
+            except Exception as exc:  # a broken request must not stop the others
+                outcomes.append((seq, exc))
+        return outcomes
 
     def _sample(self, seq: _Sequence, logits: np.ndarray) -> Optional[str]:
         token, info = seq.sampler.sample(logits, seq.generated)

@@ -308,3 +308,32 @@ def test_cli_convert_and_inspect(smollm2_dir, convert_smollm2, tmp_path, capsys)
     assert "decoder linear layers: 210 tensors" in report and "16.000 bits per weight" in report
     assert inspect_main([str(convert_smollm2("dense")), "--summary", "--no-verify"]) == 0
     assert "hf_tokenizers" in capsys.readouterr().out
+
+
+def test_registered_method_plugs_in(smollm2_dir, tmp_path):
+    """A method registered from outside the converter runs through ctx.run with its own options."""
+    from pumice.converter.methods import available_methods, register_method
+
+    layers_seen = []
+
+    def convert_half(ctx):
+        ctx.check_options({"note"})
+        ctx.provenance["note"] = ctx.options["note"]
+
+        def quantize(ctx, name, weight):
+            assert weight.dtype == torch.float32
+            return "dense", {}, {"weight": weight.to(torch.float16)}
+
+        ctx.run(quantize, on_layer=lambda ctx, layer: layers_seen.append(layer))
+
+    register_method("test_half", convert_half, defaults={"bits": 16})
+    assert "test_half" in available_methods()
+    out = convert(smollm2_dir, tmp_path / "half.pumice", method="test_half", note="hi",
+                  embedding="bf16", progress=False)
+    assert layers_seen == list(range(30))
+    with PumiceFile(out) as f:
+        assert f.metadata["provenance"]["note"] == "hi"
+        assert f.metadata["provenance"]["bits"] == 16
+        assert f.tensors["model.layers.4.mlp.up_proj.weight"].parts["weight"].dtype == "f16"
+        assert f.tensors["model.layers.4.input_layernorm.weight"].parts["weight"].dtype == "f32"
+        assert f.tensors["model.embed_tokens.weight"].parts["weight"].dtype == "bf16"

@@ -371,12 +371,21 @@ def test_fuzzing_raises_only_format_errors(small_file, tmp_path):
         except FormatError as err:
             assert str(err)
             outcomes["rejected"] += 1
+    print("fuzz outcomes:", outcomes)
     assert outcomes["rejected"] >= 250, outcomes
 
 
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pumice"):
         PumiceFile(tmp_path / "missing.pumice")
+
+
+def test_directory_and_empty_file_are_rejected(tmp_path):
+    with pytest.raises(FormatError, match="directory"):
+        PumiceFile(tmp_path)
+    (tmp_path / "empty.pumice").write_bytes(b"")
+    with pytest.raises(FormatError, match="0 bytes"):
+        PumiceFile(tmp_path / "empty.pumice")
 
 
 def test_expected_parts_for_rtn():

@@ -283,3 +283,76 @@ def test_smollm2_multi_turn_chat_reuses_the_cache(smollm2):
     messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Another one?"}]
     second = smollm2.chat(messages, max_tokens=16, temperature=0)
     assert second.cached_tokens >= first.prompt_tokens
+
+
+# -- the pumice command (generate, chat, errors) on the tiny model
+
+
+def run_cli(argv, capsys, monkeypatch, stdin: str | None = None):
+    import io
+    from pumice.runtime.cli import main
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    status = main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_cli_generate_prints_the_greedy_text(tiny_file, tiny, capsys, monkeypatch):
+    expected = tiny.generate("abc", max_tokens=6, temperature=0, ignore_eos=True).text
+    argv = ["generate", str(tiny_file[0]), "abc", "--max-tokens", "6", "--temperature", "0", "--ignore-eos",
+            "--threads", "1"]
+    assert run_cli(argv, capsys, monkeypatch)[:2] == (0, expected + "\n")
+    status, out, err = run_cli(argv + ["--stream", "--stats"], capsys, monkeypatch)
+    assert (status, out) == (0, expected + "\n") and "finish: length" in err
+
+
+def test_cli_chat_reads_turns_from_piped_stdin(tiny_file, tiny, capsys, monkeypatch):
+    first = tiny.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, ignore_eos=True).text
+    argv = ["chat", str(tiny_file[0]), "--max-tokens", "4", "--temperature", "0", "--ignore-eos", "--threads", "1"]
+    status, out, _ = run_cli(argv, capsys, monkeypatch, stdin="hi\n/reset\nhi\n/exit\nnever read\n")
+    assert status == 0
+    assert out == f"{first}\n{first}\n"  # /reset forgets the first turn
+
+
+def test_cli_user_errors_are_one_line(tmp_path, tiny_file, capsys, monkeypatch):
+    status, out, err = run_cli(["generate", str(tmp_path / "missing.pumice"), "x"], capsys, monkeypatch)
+    assert status == 1 and err.startswith("pumice: error:") and "missing.pumice" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    status, _, err = run_cli(["generate", str(tiny_file[0]), "x", "--top-p", "3"], capsys, monkeypatch)
+    assert status == 1 and "top_p" in err and len(err.strip().splitlines()) == 1
+    bad_text = tmp_path / "no-such.txt"
+    status, _, err = run_cli(["perplexity", str(tiny_file[0]), "--text", str(bad_text)], capsys, monkeypatch)
+    assert status == 1 and "no-such.txt" in err
+    with pytest.raises(SystemExit) as info:  # argparse usage errors exit 2
+        run_cli(["generate"], capsys, monkeypatch)
+    assert info.value.code == 2
+
+
+def test_cli_perplexity_on_the_tiny_model(tiny_file, tmp_path, capsys, monkeypatch):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    status, out, _ = run_cli(["perplexity", str(tiny_file[0]), "--text", str(text), "--window", "64",
+                              "--quiet", "--threads", "1"], capsys, monkeypatch)
+    assert status == 0 and out.startswith("perplexity ") and "tokens/s" in out
+    # A random model is close to uniform over 128 tokens.
+    assert 20 < float(out.split()[1]) < 2000
+
+
+@pytest.mark.parametrize("window,stride", [(16, None), (16, 6)])
+def test_perplexity_matches_the_float64_reference(tiny, tiny_file, window, stride):
+    from pumice.runtime.perplexity import perplexity, window_plan
+    _, weights, config = tiny_file
+    ids = np.random.default_rng(0).integers(0, 128, size=50).tolist()
+    total, count = 0.0, 0
+    for begin, end, first in window_plan(len(ids), window, stride):
+        logits = reference_logits(weights, config, ids[begin:end])
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - logits.max(1, keepdims=True)
+        for t in range(first, end - begin):
+            total -= logp[t - 1, ids[begin + t]]
+            count += 1
+    assert count == (len(ids) - 1 if stride else 3 * (window - 1) + 1)
+    result = perplexity(tiny.model, ids, window=window, stride=stride)
+    assert result.tokens_scored == count
+    assert result.perplexity == pytest.approx(np.exp(total / count), rel=1e-5)

@@ -308,6 +308,14 @@ def test_overlapping_parts(tmp_path, valid_file):
                verify_checksums=False)
 
 
+def test_unused_tensor_of_unknown_kind(tmp_path, valid_file):
+    def add(document):
+        document["tensors"].append({"name": "extra.weight", "kind": "mystery", "shape": [4, 4], "params": {},
+                                    "parts": {"x": {"dtype": "u8", "shape": [0], "offset": 0, "length": 0,
+                                                    "crc32": 0}}})
+    open_fails(mutated(tmp_path, valid_file, add), UnsupportedError, "mystery")
+
+
 def test_unknown_metadata_keys_are_ignored(tmp_path, valid_file):
     path = mutated(tmp_path, valid_file, lambda d: d["metadata"].update(future_feature={"x": [1, 2]}))
     NativeModel(path).close()

@@ -274,6 +274,21 @@ def test_engine_failure_reaches_the_request_and_engine_survives(fake_engine):
     assert engine.alive
 
 
+def test_engine_sampling_failure_fails_only_its_request(fake_engine):
+    engine = fake_engine(max_batch=2)
+    good = engine.model.logits_after
+
+    def logits_after(tokens):  # a malformed row for prompts starting with "z"
+        row = good(tokens)
+        return np.append(row, 0.0) if tokens[0] == ALPHABET.index("z") else row
+    engine.model.logits_after = logits_after
+    bad, ok = _run_engine(engine, [[GenerationSpec(_prompt("zab"), _greedy(3))],
+                                   [GenerationSpec(_prompt("abc"), _greedy(3))]])
+    assert isinstance(bad, APIError) and bad.status == 500
+    assert ok[0][0] == "def"
+    assert engine.alive and engine.metrics.failed_total == 1
+
+
 # -- the routes on the stand-in model (in-process, no sockets) --------------------------------
 
 

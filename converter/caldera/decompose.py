@@ -108,7 +108,8 @@ class RotatedProblem:
 
 
 def decompose(problem: RotatedProblem, config: CalderaConfig, iters: int = 3,
-              quantize_q: bool = True) -> Decomposition:
+              quantize_q: bool = True, both_starts: bool = False, lplr_iters: int = 1
+              ) -> Decomposition:
     """Run CALDERA's alternating minimisation on one (rotated) matrix.
 
     quantize_q=False gives LPLR alone (W ≈ L R).
@@ -136,7 +137,7 @@ def decompose(problem: RotatedProblem, config: CalderaConfig, iters: int = 3,
         consider(None, lplr(w, h, config.rank, left_cfg, right_cfg, problem.generator(1),
                             iters=max(iters, 2), chol=problem.chol, u_right=problem.u))
     else:
-        starts = ["zero", "low_rank_first"]
+        starts = ["zero", "low_rank_first"] if both_starts else ["zero"]
         for s, start in enumerate(starts):
             if start == "zero":
                 lr = torch.zeros_like(w)
@@ -146,7 +147,7 @@ def decompose(problem: RotatedProblem, config: CalderaConfig, iters: int = 3,
             for t in range(iters):
                 q = ldlq(w - lr, h, config.q_bits, config.q_group_size, u=problem.u)
                 low_rank = lplr(w - q.dequantized.double(), h, config.rank, left_cfg, right_cfg,
-                                problem.generator(10 + 100 * s + t), iters=2,
+                                problem.generator(10 + 100 * s + t), iters=lplr_iters,
                                 chol=problem.chol, u_right=problem.u)
                 lr = low_rank.product.double()
                 consider(q, low_rank)

@@ -68,18 +68,20 @@ def ldlq(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int,
     mins = torch.zeros(n, groups)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     deq = torch.zeros(n, k)
-    # Blocks hold whole groups so that a group's grid sees all feedback from earlier columns.
-    block = max(group_size, (block // group_size) * group_size) if group_size <= block else group_size
+    # Blocks hold whole groups so that a group's grid sees all feedback from earlier columns
+    # (a single group spanning the row is fitted before any feedback, so any block works).
+    if group_size < k:
+        block = max(group_size, (block // group_size) * group_size) if group_size <= block else group_size
+    scale = mins_col = None
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb = w[:, b0:b1]
         errors = torch.zeros(n, b1 - b0)
-        scale = mins_col = None
         for j in range(b1 - b0):
             col = b0 + j
             if col % group_size == 0:
                 g_end = min(col + group_size, k)
-                grid = fit_grid(wb[:, j:j + (g_end - col)], bits, g_end - col,
+                grid = fit_grid(w[:, col:g_end], bits, g_end - col,
                                 None if importance is None else importance[col:g_end])
                 gi = col // group_size
                 scales[:, gi] = grid.scales[:, 0]

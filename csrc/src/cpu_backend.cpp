@@ -254,6 +254,13 @@ private:
         }
         inv_freq_.resize(static_cast<size_t>(cfg_.head_dim / 2));
         cfg_.rope_inv_freq(inv_freq_.data());
+
+        // Tensors the model does not use must still be valid (FORMAT.md 3: a reader rejects an
+        // unknown kind or bad parts anywhere in the file): build and drop their operators.
+        for (const TensorEntry &e : file_.tensors()) {
+            if (e.kind == "blob" || e.kind == "dense" || ops_by_name_.count(e.name)) continue;
+            make_linear(e);
+        }
     }
 
     // ---- forward ---------------------------------------------------------------------------

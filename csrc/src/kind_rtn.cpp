@@ -107,10 +107,12 @@ inline __m256i dot32_u8_i8(__m256i codes, const int8_t *xq) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
         return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
     } else {
+        // 8-bit codes: xq points at the int16 copy of the block (PreparedX::xq16).
+        const int16_t *x16 = reinterpret_cast<const int16_t *>(xq);
         const __m256i c_lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes));
         const __m256i c_hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1));
-        const __m256i x_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(xq)));
-        const __m256i x_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(xq + 16)));
+        const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x16));
+        const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x16 + 16));
         return _mm256_add_epi32(_mm256_madd_epi16(c_lo, x_lo), _mm256_madd_epi16(c_hi, x_hi));
     }
 }
@@ -144,6 +146,7 @@ inline float dot_f16_f32(const uint16_t *a, const float *b, int64_t n) {
 struct PreparedX {
     std::vector<float> xf;      // [Kp] in kernel order, zero padded
     std::vector<int8_t> xq;     // [Kp] int8, kernel order (INT8 mode)
+    std::vector<int16_t> xq16;  // [Kp] the same values as int16 (INT8 mode, 8-bit codes)
     std::vector<float> dx;      // [Kp/32] scale of each int8 block
     std::vector<float> xsum;    // [G] exact group sums of x
 };
@@ -213,7 +216,8 @@ void gemv_int8_block(const GemvArgs &a, int64_t n) {
         __m256 group_acc[ROWS];
         for (int r = 0; r < ROWS; ++r) group_acc[r] = _mm256_setzero_ps();
         for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-            const int8_t *xq = px.xq.data() + blk * kBlock;
+            const int8_t *xq = B == 8 ? reinterpret_cast<const int8_t *>(px.xq16.data() + blk * kBlock)
+                                      : px.xq.data() + blk * kBlock;
             const __m256 d = _mm256_broadcast_ss(px.dx.data() + blk);
             for (int r = 0; r < ROWS; ++r) {
                 const __m256i c = unpack32<B>(row[r] + blk * block_bytes);
@@ -273,6 +277,7 @@ template <int B>
 void gemv_rows(const GemvArgs &a, int64_t n0, int64_t n1, RtnActivations mode) {
     int64_t n = n0;
     if (mode == RtnActivations::INT8) {
+        for (; n + 4 <= n1; n += 4) gemv_int8_block<B, 4>(a, n);
         for (; n + 2 <= n1; n += 2) gemv_int8_block<B, 2>(a, n);
         for (; n < n1; ++n) gemv_int8_block<B, 1>(a, n);
     } else {
@@ -375,6 +380,7 @@ void RtnLinear::gemv(const float *x, float *y, ThreadPool &pool, RtnActivations 
         px.xq.resize(size_t(Kp));
         px.dx.resize(size_t(Kp / kBlock));
         quantize_blocks_int8(px.xf.data(), Kp, px.xq.data(), px.dx.data());
+        if (bits_ == 8) px.xq16.assign(px.xq.begin(), px.xq.end());
     }
     const GemvArgs args{codes_, scales_, mins_, row_bytes_, n_groups_, Kp / kBlock,
                         group_size_ / kBlock, &px, y};
