@@ -36,11 +36,19 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedding/lm_head storage: dense, f32, f16, bf16, rtnB or rtnBgG "
                              "(default: dense for --method dense, rtn8g32 otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--calib", default=None, help="calibration text file for calibration-aware methods (caldera, lplr, bcq; default: the pydoc text)")
+    parser.add_argument("--calib-sequences", type=int, default=None, help="calibration sequences (default 32)")
+    parser.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence")
+    parser.add_argument("--calib-cache", default=None, help="file to cache calibration statistics (H = E[x xᵀ]) in")
+    parser.add_argument("--ranks", default=None, help="caldera/lplr: candidate ranks of L·R, comma-separated")
+    parser.add_argument("--iters", type=int, default=None, help="caldera: alternating-minimisation iterations")
 
 
 def _method_options(args: argparse.Namespace) -> dict:
     """Method-specific flags -> convert(**options); flags left unset are not passed."""
     options = {}
+    options.update(calib=args.calib, n_sequences=args.calib_sequences, seq_len=args.calib_seq_len, calib_cache=args.calib_cache)
+    options.update(ranks=args.ranks, iters=args.iters)
     return {k: v for k, v in options.items() if v is not None}
 
 

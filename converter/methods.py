@@ -249,7 +249,7 @@ def _convert_dense(ctx: ConversionContext) -> None:
 
 
 def _convert_rtn(ctx: ConversionContext) -> None:
-    ctx.check_options(("grid", "refine_steps"))
+    ctx.check_options(("grid", "refine_steps", "min_shrink", "weighting"))
     from .rtn import RTN_BITS
     if ctx.bits not in RTN_BITS or isinstance(ctx.bits, bool):
         raise ValueError(f"method 'rtn' needs bits in {RTN_BITS}, got {ctx.bits}")
@@ -259,10 +259,13 @@ def _convert_rtn(ctx: ConversionContext) -> None:
         raise ValueError(f"method 'rtn' needs a group size that is a multiple of 32 in "
                          f"[32, 4096], got {ctx.group_size}")
     grid = ctx.options.get("grid")
-    refine = ctx.options.get("refine_steps", 2)
+    refine = ctx.options.get("refine_steps")
+    search = {k: ctx.options[k] for k in ("min_shrink", "weighting")
+              if k in ctx.options}
 
     def quantize(ctx, name, weight):
-        parts = quantize_rtn(weight, ctx.bits, ctx.group_size, grid=grid, refine_steps=refine)
+        parts = quantize_rtn(weight, ctx.bits, ctx.group_size, grid=grid, refine_steps=refine,
+                             **search)
         return "rtn", {"bits": ctx.bits, "group_size": ctx.group_size}, parts
 
     ctx.run(quantize)

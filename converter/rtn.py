@@ -31,6 +31,7 @@ DEFAULT_GROUP_SIZE = 64
 # Shrink factors tried by the clipping search (8-bit codes have no outliers worth clipping).
 DEFAULT_GRID = 8
 MIN_SHRINK = 0.5
+DEFAULT_WEIGHTING = "magnitude"
 DEFAULT_REFINE_STEPS = 2
 # Rows per chunk: bounds temporary memory to a few times chunk_rows * K floats.
 _CHUNK_ELEMENTS = 1 << 17
@@ -74,13 +75,25 @@ def _round_codes(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, qmax: 
 
 
 def _group_error(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                 scratch: torch.Tensor) -> torch.Tensor:
+                 importance: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Importance-weighted squared error per group."""
     torch.mul(codes, scale[..., None], out=scratch)
     scratch.add_(low[..., None]).sub_(w)
-    return scratch.square_().sum(-1)
+    return scratch.square_().mul_(importance).sum(-1)
 
 
-def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int
+def _importance(w: torch.Tensor, weighting: str) -> torch.Tensor:
+    if weighting == "uniform":
+        return torch.ones_like(w)
+    if weighting == "magnitude":
+        # |w| plus the group's RMS: large weights count more (their errors tend to matter more
+        # for the layer's output), yet small ones are never free to be zeroed.
+        return w.abs() + w.square().mean(-1, keepdim=True).sqrt()
+    raise ValueError(f"weighting must be 'magnitude' or 'uniform', got {weighting!r}")
+
+
+def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int,
+                     min_shrink: float = MIN_SHRINK, weighting: str = DEFAULT_WEIGHTING
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w: [R, G, g] float32 -> codes [R, G, g] (float), f16-exact scale and min [R, G]."""
     qmax = (1 << bits) - 1
@@ -90,13 +103,15 @@ def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int
         raise ValueError("weights exceed the f16 range of rtn scales and mins")
     codes = torch.empty_like(w)
     scratch = torch.empty_like(w)
+    importance = _importance(w, weighting)
 
     best_err = best_scale = best_low = None
-    alphas = torch.linspace(1.0, MIN_SHRINK, grid).tolist() if grid > 1 else [1.0]
+    alphas = torch.linspace(1.0, min_shrink, grid).tolist() if grid > 1 else [1.0]
     for alpha in alphas:
         low = _f16(w_min * alpha)
         scale = _f16((w_max * alpha - low) / qmax)
-        err = _group_error(w, _round_codes(w, scale, low, qmax, codes), scale, low, scratch)
+        err = _group_error(w, _round_codes(w, scale, low, qmax, codes), scale, low, importance,
+                           scratch)
         if best_err is None:
             best_err, best_scale, best_low = err, scale, low
         else:
@@ -105,20 +120,23 @@ def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int
             best_scale = torch.where(better, scale, best_scale)
             best_low = torch.where(better, low, best_low)
 
-    count = float(w.shape[-1])
-    sum_w = w.sum(-1)
+    # Weighted least squares of w on the codes: minimise sum a (s q + m - w)^2 over (s, m).
+    sum_a = importance.sum(-1)
+    sum_aw = torch.mul(importance, w, out=scratch).sum(-1)
     for _ in range(refine_steps):
         _round_codes(w, best_scale, best_low, qmax, codes)
-        sum_q = codes.sum(-1)
-        sum_qq = torch.mul(codes, codes, out=scratch).sum(-1)
-        sum_qw = torch.mul(codes, w, out=scratch).sum(-1)
-        denom = count * sum_qq - sum_q * sum_q
+        aq = torch.mul(codes, importance)
+        sum_aq = aq.sum(-1)
+        sum_aqq = torch.mul(aq, codes, out=scratch).sum(-1)
+        sum_aqw = torch.mul(aq, w, out=scratch).sum(-1)
+        denom = sum_a * sum_aqq - sum_aq * sum_aq
         ok = denom > 0
-        scale = torch.where(ok, (count * sum_qw - sum_q * sum_w) / torch.where(ok, denom, 1.0),
+        scale = torch.where(ok, (sum_a * sum_aqw - sum_aq * sum_aw) / torch.where(ok, denom, 1.0),
                             best_scale)
         scale = _f16(scale.clamp(min=0.0))
-        low = _f16((sum_w - scale * sum_q) / count)
-        err = _group_error(w, _round_codes(w, scale, low, qmax, codes), scale, low, scratch)
+        low = _f16((sum_aw - scale * sum_aq) / sum_a.clamp(min=torch.finfo(torch.float32).tiny))
+        err = _group_error(w, _round_codes(w, scale, low, qmax, codes), scale, low, importance,
+                           scratch)
         better = err < best_err
         if not bool(better.any()):
             break
@@ -130,7 +148,8 @@ def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
-                 grid: int | None = None, refine_steps: int | None = None
+                 grid: int | None = None, refine_steps: int | None = None,
+                 min_shrink: float = MIN_SHRINK, weighting: str = DEFAULT_WEIGHTING
                  ) -> dict[str, np.ndarray]:
     """Quantize a [N, K] matrix to the parts of the `rtn` kind: packed codes, f16 scales, mins.
 
@@ -165,7 +184,8 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROU
             pieces.append(rows[:, full:].reshape(rows.shape[0], 1, k - full))
         codes, scales, mins = [], [], []
         for piece in pieces:
-            c, s, m = _quantize_groups(piece.contiguous(), bits, grid, refine_steps)
+            c, s, m = _quantize_groups(piece.contiguous(), bits, grid, refine_steps,
+                                       min_shrink, weighting)
             codes.append(c.reshape(rows.shape[0], -1))
             scales.append(s)
             mins.append(m)

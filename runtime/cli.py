@@ -160,6 +160,10 @@ def _run_chat(args: argparse.Namespace) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         history: list[dict] = list(system)
         if interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
             print(f"pumice chat: {os.path.basename(args.model)}. {_CHAT_HELP}", file=sys.stderr)
         while True:
             if interactive:

@@ -155,6 +155,35 @@ def test_lut_gemm_int8_tables_within_bound(bcq_file, monkeypatch):
     model.close()
 
 
+def test_bcq_as_caldera_backbone_is_configuration(tmp_path, monkeypatch):
+    """CALDERA's Q in bcq: only params and prefixed parts, no bcq-specific code in CALDERA."""
+    monkeypatch.setenv("PUMICE_BCQ_LUT", "exact4")
+    rng = np.random.default_rng(21)
+    n, k, rank = 70, 200, 8
+    signs, exponents, row_scales = random_bcq(rng, n, k, 3, 64)
+    q_parts = pack_bcq(signs, exponents, row_scales, 64)
+    left = rng.standard_normal((n, rank)).astype(np.float32) * 0.1
+    right = rng.standard_normal((rank, k)).astype(np.float32) * 0.1
+    params = {"rank": rank, "transform": "none",
+              "q": {"kind": "bcq", "bits": 3, "group_size": 64},
+              "l": {"kind": "dense"}, "r": {"kind": "dense"}}
+    parts = {**{f"q.{name}": v for name, v in q_parts.items()},
+             "l.weight": left, "r.weight": right}
+    path = tmp_path / "caldera.pumice"
+    with PumiceWriter(path, {"architecture": "tensors"}) as writer:
+        writer.add_tensor("w", "caldera", [n, k], params, parts)
+    w = bcq_reconstruct(signs, exponents, row_scales.astype(np.float64), 64) + \
+        left.astype(np.float64) @ right.astype(np.float64)
+    with PumiceFile(path) as f:
+        np.testing.assert_allclose(f.dequantize("w"), w, rtol=1e-5, atol=1e-6)
+    model = NativeModel(path)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = model.linear_apply("w", x)
+    bound = F32_RTOL * (np.abs(x.astype(np.float64)) @ np.abs(w).T) + 1e-6
+    assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= bound)
+    model.close()
+
+
 # ---- corrupt tensors give clear errors -------------------------------------------------------
 
 def _raw_file(path, shape, params, parts):
@@ -245,6 +274,20 @@ def test_quantizer_matches_definition_and_improves_with_bits():
         assert fit.bits_per_weight() == pytest.approx(stored_bits_per_weight(48, 200, q, 128))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.05
+
+
+def test_greedy_nearest_value_equals_search():
+    from pumice.converter.bcq import _nearest, _nearest_search, _sign_patterns
+    gen = torch.Generator().manual_seed(11)
+    for q in (1, 2, 3, 4, 5):
+        patterns = _sign_patterns(q)
+        w = torch.randn(40, 3, 64, generator=gen)
+        for alpha in (torch.exp2(torch.randint(-3, 2, (40, 3, q), generator=gen).float()),
+                      torch.rand(40, 3, q, generator=gen)):
+            index, value = _nearest(w, alpha, patterns)
+            _, best = _nearest_search(w, alpha, patterns)
+            torch.testing.assert_close((w - value).abs(), (w - best).abs(), rtol=0, atol=1e-6)
+            torch.testing.assert_close(value, (alpha @ patterns.T).gather(-1, index), rtol=0, atol=1e-6)
 
 
 def test_hessian_objective_lowers_output_error():

@@ -299,7 +299,7 @@ def test_smollm2_caldera_logits_match_torch_reconstruction(convert_smollm2, smol
     # A fast configuration (few candidates, tiny calibration): this checks the runtime, not
     # the quality (benchmarks/quality.py does that).
     path = convert_smollm2("caldera", bits=2.5, n_sequences=2, seq_len=64, q_bits="2,3",
-                           ranks="16", iters=1, progress=False)
+                           ranks="16", iters=1, rounding="nearest", progress=False)
     with PumiceFile(path) as f:
         kinds = {f.tensor(n).kind for n in f.tensors}
         assert "caldera" in kinds

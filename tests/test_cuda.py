@@ -141,6 +141,10 @@ def test_prefill_and_decode_match_reference(tiny_models, kind):
             logits = s.forward([tokens[i]])
             assert relative_error(logits, ref[i]) < 2e-2, i
         assert s.n_past == 60
+        # A prompt of at most 16 tokens runs as one multi-column decode step.
+        s2 = model.new_session(64)
+        assert relative_error(s2.forward(tokens[:13], logits_all=True), ref[:13]) < 2e-2
+        assert relative_error(s2.forward(tokens[13:29], logits_all=True), ref[13:29]) < 2e-2
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=_kind_id)

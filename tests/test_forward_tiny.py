@@ -102,6 +102,22 @@ def test_long_prefill_runs_in_several_passes(tiny):
     assert relative_error(last, logits[-1]) < 1e-5
 
 
+def test_decode_at_long_context(tiny):
+    # Few sessions and many cached keys: attention splits the keys into ranges and merges them.
+    model, weights, config = tiny(max_position_embeddings=1024)
+    tokens = random_tokens(700, seed=8)
+    expected = reference_logits(weights, config, tokens)
+    a, b = model.new_session(), model.new_session()
+    a.forward(tokens[:690])
+    b.forward(tokens[:600])
+    steps = np.stack([a.forward([t]) for t in tokens[690:695]])
+    assert relative_error(steps, expected[690:695]) < 1e-4
+    for i in range(5):
+        both = decode_batch([a, b], [tokens[695 + i], tokens[600 + i]])
+        assert relative_error(both[0], expected[695 + i]) < 1e-4
+        assert relative_error(both[1], expected[600 + i]) < 1e-4
+
+
 def test_truncate_then_forward_equals_fresh(tiny):
     model, _, _ = tiny()
     session = model.new_session()

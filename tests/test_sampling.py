@@ -152,3 +152,47 @@ def test_wrong_logits_shape_is_an_error():
 def test_stop_token_set_honours_ignore_eos():
     assert stop_token_set(SamplingParams(stop_token_ids=[7]), [2, 3]) == {2, 3, 7}
     assert stop_token_set(SamplingParams(stop_token_ids=[7], ignore_eos=True), [2, 3]) == {7}
+
+
+@pytest.mark.parametrize("options", [
+    {"top_k": 50}, {"top_p": 0.8}, {"top_k": 100, "top_p": 0.9}, {"min_p": 0.05},
+    {"top_k": 30, "min_p": 0.2}, {"top_p": 0.5, "min_p": 0.01},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_truncation_on_a_large_vocabulary_matches_a_full_sort(options):
+    # The sampler narrows a large vocabulary to likely tokens before truncating; the kept set
+    # must be exactly the one a plain full sort gives.
+    vocab = 5000
+    rng = np.random.default_rng(9)
+    logits = rng.normal(0, 1, vocab).astype(np.float32)
+    logits[rng.choice(vocab, 40, replace=False)] += rng.uniform(3, 8, 40).astype(np.float32)
+    params = SamplingParams(temperature=0.9, seed=1, **options)
+    probs = softmax(logits / 0.9)
+    order = np.argsort(-probs, kind="stable")
+    kept = order if not params.top_k else order[:params.top_k]
+    sorted_probs = probs[kept] / probs[kept].sum()
+    if params.top_p < 1:
+        kept = kept[:np.searchsorted(np.cumsum(sorted_probs), params.top_p) + 1]
+    if params.min_p:
+        kept = kept[probs[kept] >= params.min_p * probs[kept].max()]
+    expected = np.zeros(vocab)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    observed = frequencies(params, logits, draws=2000)
+    assert set(np.flatnonzero(observed)) <= set(kept.tolist())
+    assert np.abs(observed - expected).max() < 0.05
+
+
+def test_penalties_follow_new_tokens_incrementally():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, VOCAB).astype(np.float32)
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2)
+    sampler = Sampler(params, VOCAB, prompt_ids=[3, 3, 9])
+    generated: list[int] = []
+    for step in range(30):
+        generated.append(int(rng.integers(0, VOCAB)))
+        ours = sampler.apply_penalties(logits, generated)
+        reference = logits.astype(np.float64).copy()
+        seen = sorted(set(generated) | {3, 9})
+        reference[seen] = np.where(reference[seen] > 0, reference[seen] / 1.3, reference[seen] * 1.3)
+        counts = np.bincount(generated, minlength=VOCAB)
+        reference -= 0.2 * counts + 0.4 * (counts > 0)
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)

@@ -54,7 +54,7 @@ class Decomposition:
 
     def rotated_reconstruction(self) -> torch.Tensor:
         n, k = self.shape
-        out = torch.zeros(n, k, dtype=torch.float64)
+        out = torch.zeros(n, k, dtype=torch.float64, device=self.q.dequantized.device if self.q is not None else 'cpu')
         if self.q is not None:
             out += self.q.dequantized.double()
         if self.low_rank is not None:
@@ -72,24 +72,41 @@ class Decomposition:
 class RotatedProblem:
     """W', H' and the factorisations of H' shared by every configuration tried on one matrix."""
 
-    def __init__(self, w: torch.Tensor, h: torch.Tensor, seed: int, hadamard: bool = True):
+    def __init__(self, w: torch.Tensor, h: torch.Tensor, seed: int, hadamard: bool = True,
+                 input_seed: int | None = None, shared: dict | None = None):
+        """input_seed: seed of T_in (default `seed`); matrices that read the same input (q/k/v,
+        gate/up) can share it, and then share H' and its factorisations through `shared`."""
         n, k = w.shape
         self.shape = (n, k)
         self.seed = seed
+        input_seed = seed if input_seed is None else input_seed
+        key = (id(h), input_seed, hadamard)
+        cached = shared.get(key) if shared is not None else None
         w = w.double()
-        h = h.double()
         if hadamard:
-            self.t_in = RandomizedHadamard.random(k, seed)
+            self.t_in = cached["t_in"] if cached else RandomizedHadamard.random(k, input_seed)
             self.t_out = RandomizedHadamard.random(n, seed + 1)
             self.w = self.t_out.rotate_rows(self.t_in.rotate_columns(w))
-            self.h = self.t_in.rotate_hessian(h)
         else:
             self.t_in = self.t_out = None
-            self.w, self.h = w, h
-        self.h = (self.h + self.h.T) / 2
+            self.w = w
+        if cached:
+            self.h, self._u, self._chol = cached["h"], cached["u"], cached["chol"]
+        else:
+            hr = self.t_in.rotate_hessian(h.double()) if hadamard else h.double()
+            self.h = (hr + hr.T) / 2
+            self._u = None
+            self._chol = None
         self.total = weighted_error(self.w, self.h)
-        self._u = None
-        self._chol = None
+        if shared is not None:
+            self._share = (shared, key)
+
+    def remember(self) -> None:
+        """Store H' and its factorisations for the next matrix with the same input."""
+        if hasattr(self, "_share"):
+            shared, key = self._share
+            shared.clear()  # one input group at a time: bounded memory
+            shared[key] = {"t_in": self.t_in, "h": self.h, "u": self.u, "chol": self.chol}
 
     @property
     def u(self) -> torch.Tensor:
@@ -108,13 +125,20 @@ class RotatedProblem:
 
 
 def decompose(problem: RotatedProblem, config: CalderaConfig, iters: int = 3,
-              quantize_q: bool = True, both_starts: bool = False, lplr_iters: int = 1
-              ) -> Decomposition:
+              quantize_q: bool = True, both_starts: bool = False, lplr_iters: int = 1,
+              first_q: Quantized | None = None, ldlq_right: bool = True,
+              hessian_rounding: bool = True) -> Decomposition:
     """Run CALDERA's alternating minimisation on one (rotated) matrix.
 
     quantize_q=False gives LPLR alone (W ≈ L R).
     """
     w, h = problem.w, problem.h
+
+    def round_q(target):
+        if hessian_rounding:
+            return ldlq(target, h, config.q_bits, config.q_group_size, u=problem.u)
+        return ldlq(target, None, config.q_bits, config.q_group_size)  # plain rounding
+
     left_cfg, right_cfg = config.factor_configs(problem.shape[1])
     best: tuple | None = None
     history: list[float] = []
@@ -132,7 +156,7 @@ def decompose(problem: RotatedProblem, config: CalderaConfig, iters: int = 3,
             best = (err, q, low_rank)
 
     if config.rank == 0:
-        consider(ldlq(w, h, config.q_bits, config.q_group_size, u=problem.u), None)
+        consider(first_q if first_q is not None else round_q(w), None)
     elif not quantize_q:
         consider(None, lplr(w, h, config.rank, left_cfg, right_cfg, problem.generator(1),
                             iters=max(iters, 2), chol=problem.chol, u_right=problem.u))
@@ -145,10 +169,14 @@ def decompose(problem: RotatedProblem, config: CalderaConfig, iters: int = 3,
                 left, right = weighted_low_rank(w, h, config.rank, problem.generator(2), problem.chol)
                 lr = left @ right
             for t in range(iters):
-                q = ldlq(w - lr, h, config.q_bits, config.q_group_size, u=problem.u)
+                if t == 0 and start == "zero" and first_q is not None:
+                    q = first_q  # LDLQ(W − 0): the Q-only candidate of the same grid
+                else:
+                    q = round_q(w - lr)
                 low_rank = lplr(w - q.dequantized.double(), h, config.rank, left_cfg, right_cfg,
                                 problem.generator(10 + 100 * s + t), iters=lplr_iters,
-                                chol=problem.chol, u_right=problem.u)
+                                chol=problem.chol,
+                                u_right=problem.u if ldlq_right else None, exact=ldlq_right)
                 lr = low_rank.product.double()
                 consider(q, low_rank)
     err, q, low_rank = best

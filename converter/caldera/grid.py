@@ -66,11 +66,11 @@ def fit_grid(w: torch.Tensor, bits: int, group_size: int, weights: torch.Tensor 
     n, k = w.shape
     g = _grouped(w, group_size)
     if weights is None:
-        wt = torch.ones(1, 1, group_size)
+        wt = torch.ones(1, 1, group_size, device=w.device)
     else:
         wt = _grouped(weights.float().reshape(1, k).expand(1, k), group_size).reshape(1, -1, group_size)
         if k % group_size:  # padded columns must not count
-            mask = torch.ones(k + (-k) % group_size)
+            mask = torch.ones(k + (-k) % group_size, device=w.device)
             mask[k:] = 0
             wt = wt * mask.reshape(1, -1, group_size)
     lo_all, hi_all = g.amin(dim=2), g.amax(dim=2)
@@ -93,7 +93,7 @@ def fit_grid(w: torch.Tensor, bits: int, group_size: int, weights: torch.Tensor 
 
 def expand(grid: GroupGrid, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element [N, K] scale and min of a grid."""
-    column_group = torch.arange(k) // grid.group_size
+    column_group = torch.arange(k, device=grid.scales.device) // grid.group_size
     return grid.scales[:, column_group], grid.mins[:, column_group]
 
 

@@ -114,6 +114,12 @@ class RandomizedHadamard:
         """T as an explicit float64 matrix (for tests and small references)."""
         return self.forward(torch.eye(self.n, dtype=torch.float64)).T
 
+    def to(self, device) -> "RandomizedHadamard":
+        """The same transform with its tables on `device`."""
+        moved = RandomizedHadamard(self.signs.to(device))
+        moved._dct = self._dct.to(device)
+        return moved
+
     def rotate_columns(self, w: torch.Tensor) -> torch.Tensor:
         """W Tᵀ: transforms the input side of W ([N, n])."""
         return self.forward(w)

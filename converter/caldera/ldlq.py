@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GroupGrid, fit_grid, quantize_with
+from .grid import GroupGrid, expand, fit_grid, round_to_grid
 
 DEFAULT_DAMP = 0.01
 
@@ -60,14 +60,16 @@ def ldlq(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int,
     """
     w = w.float().clone()
     n, k = w.shape
-    if u is None and h is not None:
+    if u is None and h is None:
+        return _round_groups(w, bits, group_size)
+    if u is None:
         u = inverse_cholesky_upper(h, damp)
     importance = None if h is None else h.double().diagonal().float()
     groups = -(-k // group_size)
-    scales = torch.zeros(n, groups)
-    mins = torch.zeros(n, groups)
-    codes = torch.zeros(n, k, dtype=torch.uint8)
-    deq = torch.zeros(n, k)
+    scales = torch.zeros(n, groups, device=w.device)
+    mins = torch.zeros(n, groups, device=w.device)
+    levels = (1 << bits) - 1
+    deq = torch.zeros(n, k, device=w.device)
     # Blocks hold whole groups so that a group's grid sees all feedback from earlier columns
     # (a single group spanning the row is fitted before any feedback, so any block works).
     if group_size < k:
@@ -76,7 +78,7 @@ def ldlq(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int,
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb = w[:, b0:b1]
-        errors = torch.zeros(n, b1 - b0)
+        errors = torch.zeros(n, b1 - b0, device=w.device)
         for j in range(b1 - b0):
             col = b0 + j
             if col % group_size == 0:
@@ -87,20 +89,29 @@ def ldlq(w: torch.Tensor, h: torch.Tensor | None, bits: int, group_size: int,
                 scales[:, gi] = grid.scales[:, 0]
                 mins[:, gi] = grid.mins[:, 0]
                 scale, mins_col = grid.scales[:, 0], grid.mins[:, 0]
-            c, q = quantize_with(wb[:, j], scale, mins_col, bits)
-            codes[:, col] = c.to(torch.uint8)
+            x = wb[:, j]
+            q = torch.clamp(torch.round((x - mins_col) / scale), 0, levels) * scale + mins_col
             deq[:, col] = q
-            if u is None:
-                continue
-            err = (wb[:, j] - q) / u[col, col]
-            wb[:, j + 1:] -= err[:, None] * u[col, col + 1:b1][None, :]
+            err = (x - q) / u[col, col]
+            if j + 1 < b1 - b0:
+                wb[:, j + 1:].addr_(err, u[col, col + 1:b1], alpha=-1.0)
             errors[:, j] = err
-        if u is not None and b1 < k:
+        if b1 < k:
             w[:, b1:] -= errors @ u[b0:b1, b1:]
-    return Quantized(codes, GroupGrid(scales, mins, bits, group_size), deq)
+    grid = GroupGrid(scales, mins, bits, group_size)
+    scale_full, mins_full = expand(grid, k)
+    codes = torch.clamp(torch.round((deq - mins_full) / scale_full), 0, levels).to(torch.uint8)
+    return Quantized(codes, grid, codes.float() * scale_full + mins_full)
+
+
+def _round_groups(w: torch.Tensor, bits: int, group_size: int) -> Quantized:
+    """Plain round-to-nearest on fitted grids (no Hessian), vectorised."""
+    grid = fit_grid(w, bits, group_size)
+    codes, deq = round_to_grid(w, grid)
+    return Quantized(codes, grid, deq)
 
 
 def weighted_error(e: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(E H Eᵀ) = E‖E x‖² over the calibration distribution (float64)."""
-    e = e.double()
-    return float(((e @ h.double()) * e).sum())
+    """tr(E H Eᵀ) = E‖E x‖² over the calibration distribution (float32 products, float64 sum)."""
+    e = e.float()
+    return float(((e @ h.float()) * e).double().sum())

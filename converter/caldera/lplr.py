@@ -42,7 +42,7 @@ def sketch_factors(b: torch.Tensor, rank: int, generator: torch.Generator,
     """Randomized SVD of b [N, M]: (U_k, σ_k, V_k) from a Gaussian sketch b Ω."""
     n, m = b.shape
     width = min(rank + oversample, n, m)
-    omega = torch.randn(m, width, generator=generator, dtype=b.dtype)
+    omega = torch.randn(m, width, generator=generator, dtype=b.dtype).to(b.device)
     y = b @ omega
     for _ in range(power_iters):
         y, _ = torch.linalg.qr(y)
@@ -69,14 +69,17 @@ def weighted_low_rank(a: torch.Tensor, h: torch.Tensor, rank: int, generator: to
 
 def lplr(a: torch.Tensor, h: torch.Tensor, rank: int, left_cfg: FactorConfig,
          right_cfg: FactorConfig, generator: torch.Generator, iters: int = 2,
-         chol: torch.Tensor | None = None, u_right: torch.Tensor | None = None) -> LowRank:
+         chol: torch.Tensor | None = None, u_right: torch.Tensor | None = None,
+         exact: bool = True) -> LowRank:
     """Quantized L R ≈ a under H; keeps the best of the alternating iterates."""
     a64 = a.double()
     hd = damped(h)
     left, right = weighted_low_rank(a64, h, rank, generator, chol)
     best, best_err = None, float("inf")
     for step in range(iters):
-        rq = ldlq(right.float(), h, right_cfg.bits, right_cfg.group_size, u=u_right)
+        # R with LDLQ under H when the factorisation is at hand, else plain rounding.
+        rq = ldlq(right.float(), None if u_right is None and not exact else h,
+                  right_cfg.bits, right_cfg.group_size, u=u_right)
         r = rq.dequantized.double()
         # L = A H Rᵀ (R H Rᵀ)⁻¹, then LDLQ under the k×k Hessian R H Rᵀ.
         h_left = r @ hd @ r.T

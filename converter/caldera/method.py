@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
+import re
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,13 +31,13 @@ from .ldlq import Quantized
 
 DEFAULT_BITS = 2.5
 DEFAULT_Q_BITS = (2, 3, 4)
-DEFAULT_RANKS = (32,)
+DEFAULT_RANKS = (16,)
 DEFAULT_LR_BITS = 4
-DEFAULT_ITERS = 2
+DEFAULT_ITERS = 1
 DEFAULT_SEQUENCES = 32
 DEFAULT_SEQ_LEN = 512
 OPTIONS = ("calib", "n_sequences", "seq_len", "calib_cache", "ranks", "q_bits", "lr_bits",
-           "iters", "seed", "device", "hessians", "q_group_sizes", "candidates_cache")
+           "iters", "seed", "device", "hessians", "q_group_sizes", "candidates_cache", "rounding")
 
 
 def _round32(x: int) -> int:
@@ -48,10 +50,16 @@ def row_group_size(k: int) -> int:
     return min(4096, _round32(-(-k // pieces)))
 
 
+def input_group(name: str) -> str:
+    """Weights that read the same input share a name here (q/k/v, gate/up)."""
+    name = re.sub(r"self_attn\.[qkv]_proj", "self_attn.qkv", name)
+    return re.sub(r"mlp\.(gate|up)_proj", "mlp.gate_up", name)
+
+
 def rtn_parts(q: Quantized) -> dict[str, np.ndarray]:
-    return {"codes": pack_codes(q.codes.numpy(), q.grid.bits),
-            "scales": q.grid.scales.numpy().astype(np.float16),
-            "mins": q.grid.mins.numpy().astype(np.float16)}
+    return {"codes": pack_codes(np.ascontiguousarray(q.codes.contiguous().numpy()), q.grid.bits),
+            "scales": np.ascontiguousarray(q.grid.scales.numpy().astype(np.float16)),
+            "mins": np.ascontiguousarray(q.grid.mins.numpy().astype(np.float16))}
 
 
 def rtn_params(q: Quantized) -> dict:
@@ -84,7 +92,9 @@ def candidate_configs(shape, q_bits, ranks, lr_bits, q_group_sizes=None, with_q=
     groups = sorted({row if g in (None, "row") else int(g) for g in (q_group_sizes or ["row"])})
     configs = []
     for rank in ((0,) if with_q else ()) + tuple(r for r in ranks if 0 < r <= min(n, k)):
-        for bits in (q_bits if with_q else (2,)):
+        # Q + L·R only on the smallest Q width: that is where the low-rank part pays for its
+        # bits (at 3-4 bits a wider Q is cheaper per unit of error removed on small models).
+        for bits in (q_bits if (with_q and rank == 0) else q_bits[:1] if with_q else (2,)):
             for g in (groups if rank == 0 else [row]):
                 configs.append(CalderaConfig(q_bits=bits, q_group_size=g, rank=rank,
                                              l_bits=lr_bits, r_bits=lr_bits,
@@ -101,16 +111,25 @@ def config_label(config: CalderaConfig, with_q: bool = True) -> str:
 
 
 def evaluate_matrix(weight: torch.Tensor, hessian: torch.Tensor, configs, seed: int,
-                    iters: int, with_q: bool = True) -> list[Candidate]:
+                    iters: int, with_q: bool = True, input_seed: int | None = None,
+                    shared: dict | None = None, ldlq_right: bool = False,
+                    hessian_rounding: bool = True) -> list[Candidate]:
     """Every candidate configuration of one matrix: exact bits, calibration error, parts."""
-    problem = RotatedProblem(weight, hessian, seed)
+    problem = RotatedProblem(weight, hessian, seed, input_seed=input_seed, shared=shared)
     out = []
+    q_only = {}  # (bits, group) -> Q of the rank-0 candidate, the first iterate of the others
     for config in configs:
-        result = decompose(problem, config, iters=iters, quantize_q=with_q)
+        grid = (config.q_bits, config.q_group_size)
+        result = decompose(problem, config, iters=iters, quantize_q=with_q,
+                           first_q=q_only.get(grid), ldlq_right=ldlq_right,
+                           hessian_rounding=hessian_rounding)
+        if config.rank == 0:
+            q_only[grid] = result.q
         kind, params, parts = encode(result, with_q)
         bits = part_bits(kind, tuple(weight.shape), params)
         out.append(Candidate(config_label(config, with_q), bits, result.error,
                              (kind, params, parts, result.relative_error)))
+    problem.remember()
     return out
 
 
@@ -171,6 +190,9 @@ def _convert(ctx: ConversionContext, with_q: bool) -> None:
         q_group_sizes = [g.strip() for g in q_group_sizes.split(",")]
     if ctx.group_size is not None:
         q_group_sizes = [ctx.group_size]
+    rounding = opts.get("rounding") or "ldlq"
+    if rounding not in ("ldlq", "nearest"):
+        raise ValueError(f"rounding must be 'ldlq' or 'nearest', got {rounding!r}")
     started = time.time()
 
 
@@ -178,7 +200,7 @@ def _convert(ctx: ConversionContext, with_q: bool) -> None:
              for name in ctx.checkpoint.layer_names(layer) if is_decoder_linear(name)]
     settings = repr((ctx.method.name, q_bits, ranks, lr_bits, iters, seed, q_group_sizes,
                      opts.get("calib"), opts.get("n_sequences"), opts.get("seq_len"),
-                     str(ctx.checkpoint.directory)))
+                     str(ctx.checkpoint.directory))) + ("" if rounding == "ldlq" else rounding)
     choices = _load_candidates(opts.get("candidates_cache"), settings)
     calib_seconds = 0.0
     if choices is None:
@@ -193,6 +215,7 @@ def _convert(ctx: ConversionContext, with_q: bool) -> None:
                 and not getattr(ctx.progress, "disable", False))
         calib_seconds = time.time() - started
         choices = []
+        shared: dict = {}
         from tqdm.auto import tqdm
         for index, name in enumerate(tqdm(names, desc=f"{ctx.method.name} candidates",
                                           leave=False,
@@ -200,8 +223,12 @@ def _convert(ctx: ConversionContext, with_q: bool) -> None:
             weight = ctx.checkpoint.get(name).to(torch.float32)
             configs = candidate_configs(tuple(weight.shape), q_bits, ranks, lr_bits,
                                         q_group_sizes, with_q)
+            # One T_in per layer input (q/k/v and gate/up share theirs, and so H' and U).
+            input_seed = seed + zlib.crc32(input_group(name).encode())
             choices.append(evaluate_matrix(weight, hessians[name], configs,
-                                           seed + 7919 * index, iters, with_q))
+                                           seed + 7919 * index, iters, with_q,
+                                           input_seed=input_seed, shared=shared,
+                                           hessian_rounding=rounding == "ldlq"))
         _save_candidates(opts.get("candidates_cache"), settings, choices)
     total_weights = sum(int(np.prod(ctx.shape_of(name))) for name in names)
     selection = allocate(choices, budget * total_weights)

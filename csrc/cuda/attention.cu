@@ -4,7 +4,7 @@
 // of the context in sub-chunks of 64 positions: scores (D/8 lanes per key, 16-byte loads),
 // an exact softmax update with a running max, then P·V (D/8 lanes per value row, position
 // groups across the rest of the block). The slices' (max, sum, unnormalized output) are merged
-// by a second small kernel. Lengths come from device memory, so the grid (sized for `splits`)
+// by the last block to finish (an atomic counter per column and kv head, reset after use). Lengths come from device memory, so the grid (sized for `splits`)
 // is fixed and the launch can live in a CUDA graph.
 #include <cuda_fp16.h>
 
@@ -172,26 +172,36 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
         const int head = kvh * G + tid;
         a.partial_ml[(static_cast<int64_t>(col) * n_heads + head) * a.splits + split] = make_float2(m_s[tid], l_s[tid]);
     }
-}
 
-template <int D>
-__global__ void attention_combine_kernel(const AttentionCall a) {
-    const int head = blockIdx.x, col = blockIdx.y;
-    const int len = a.cols[col].pos + 1;
-    const int used = (len + split_chunk(len, a.splits) - 1) / split_chunk(len, a.splits);
-    const float2 *ml = a.partial_ml + (static_cast<int64_t>(col) * a.n_heads + head) * a.splits;
-    float m = -FLT_MAX;
-    for (int s = 0; s < used; ++s) m = fmaxf(m, ml[s].x);
-    const float *po = a.partial_o + (static_cast<int64_t>(col) * a.n_heads + head) * a.splits * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    // The last block of this (column, kv head) to finish merges the slices (no second launch).
+    __shared__ bool is_last;
+    const int used = (len + chunk - 1) / chunk;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const int prev = atomicAdd(a.counters + col * a.n_kv_heads + kvh, 1);
+        is_last = prev == used - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        const int head = kvh * G + g;
+        const float2 *ml = a.partial_ml + (static_cast<int64_t>(col) * n_heads + head) * a.splits;
+        const float *po = a.partial_o + (static_cast<int64_t>(col) * n_heads + head) * a.splits * D;
+        float m = -FLT_MAX;
+        for (int sp = 0; sp < used; ++sp) m = fmaxf(m, __ldcg(&ml[sp]).x);
         float num = 0.f, den = 0.f;
-        for (int s = 0; s < used; ++s) {
-            const float w = exp2f(ml[s].x - m);
-            num += w * po[s * D + d];
-            den += w * ml[s].y;
+        for (int sp = 0; sp < used; ++sp) {
+            const float2 v = __ldcg(&ml[sp]);
+            const float wgt = exp2f(v.x - m);
+            num += wgt * __ldcg(&po[sp * D + d]);
+            den += wgt * v.y;
         }
         a.out[col * a.ldo + static_cast<int64_t>(head) * D + d] = __float2half(num / den);
     }
+    if (tid == 0) a.counters[col * a.n_kv_heads + kvh] = 0;  // ready for the next launch (graphs)
 }
 
 template <int D, int G>
@@ -214,9 +224,6 @@ void launch_for_dim(const AttentionCall &a, cudaStream_t stream) {
         default: throw UnsupportedError("CUDA attention supports 1 to 8 query heads per kv head");
     }
     PUMICE_CUDA_CHECK_LAUNCH("attention_split");
-    dim3 grid(static_cast<unsigned>(a.n_heads), static_cast<unsigned>(a.n_cols));
-    attention_combine_kernel<D><<<grid, D, 0, stream>>>(a);
-    PUMICE_CUDA_CHECK_LAUNCH("attention_combine");
 }
 
 }  // namespace

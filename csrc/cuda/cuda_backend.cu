@@ -125,8 +125,11 @@ private:
     int q_rows_ = 0, kv_rows_ = 0;
 
     // Step buffers.
-    DeviceBuffer cols_dev_, resid_, xn_, q_, attn_, act_, logits_dev_, part_o_, part_ml_;
+    DeviceBuffer cols_dev_, resid_, xn_, q_, attn_, act_, logits_dev_, part_o_, part_ml_, att_counters_;
     PinnedBuffer cols_host_, logits_host_;
+    // The pinned column array may be rewritten only once its last upload has run.
+    cudaEvent_t cols_uploaded_ = nullptr;
+    StepColumn *writable_cols();
     std::map<int, cudaGraphExec_t> graphs_;
 
     PrefillWorkspace pw_;
@@ -150,6 +153,8 @@ CudaBackend::CudaBackend(const ModelFile &file, const LlamaConfig &config, int d
         for (auto &kv : graphs_) cudaGraphExecDestroy(kv.second);
         graphs_.clear();
         cublas_.reset();
+        if (cols_uploaded_) cudaEventDestroy(cols_uploaded_);
+        cols_uploaded_ = nullptr;
         cudaStreamDestroy(stream_);
         stream_ = nullptr;
         throw;
@@ -161,7 +166,13 @@ CudaBackend::~CudaBackend() {
     if (stream_) cudaStreamSynchronize(stream_);
     for (auto &kv : graphs_) cudaGraphExecDestroy(kv.second);
     cublas_.reset();
+    if (cols_uploaded_) cudaEventDestroy(cols_uploaded_);
     if (stream_) cudaStreamDestroy(stream_);
+}
+
+StepColumn *CudaBackend::writable_cols() {
+    PUMICE_CUDA_CHECK(cudaEventSynchronize(cols_uploaded_));
+    return cols_host_.as<StepColumn>();
 }
 
 void CudaBackend::open_device(int device_index) {
@@ -328,8 +339,11 @@ void CudaBackend::allocate_step_buffers() {
     logits_dev_.allocate(sizeof(float) * C * cfg_.vocab_size, "logits");
     part_o_.allocate(sizeof(float) * C * cfg_.num_heads * kMaxSplits * cfg_.head_dim, "attention partials");
     part_ml_.allocate(sizeof(float2) * C * cfg_.num_heads * kMaxSplits, "attention partials");
-    for (DeviceBuffer *b : {&resid_, &xn_, &q_, &attn_, &act_}) b->zero(stream_);
+    att_counters_.allocate(sizeof(int) * C * cfg_.num_kv_heads, "attention counters");
+    for (DeviceBuffer *b : {&resid_, &xn_, &q_, &attn_, &act_, &att_counters_}) b->zero(stream_);
     cols_host_.reserve(sizeof(StepColumn) * C, "step columns");
+    PUMICE_CUDA_CHECK(cudaEventCreateWithFlags(&cols_uploaded_, cudaEventDisableTiming));
+    PUMICE_CUDA_CHECK(cudaEventRecord(cols_uploaded_, stream_));
     logits_host_.reserve(sizeof(float) * C * cfg_.vocab_size, "logits");
     PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -402,6 +416,7 @@ void CudaBackend::enqueue_step(int n) {
         at.partial_ml = part_ml_.as<float2>();
         at.out = attn_.as<__half>();
         at.ldo = qs_;
+        at.counters = att_counters_.as<int>();
         launch_attention_decode(at, stream_);
 
         GemvCall o = gemv_call(L.o, attn_.as<__half>(), qs_, n);
@@ -440,6 +455,7 @@ void CudaBackend::enqueue_step(int n) {
 void CudaBackend::run_step(int n) {
     PUMICE_CUDA_CHECK(cudaMemcpyAsync(cols_dev_.get(), cols_host_.as<StepColumn>(), sizeof(StepColumn) * n,
                                       cudaMemcpyHostToDevice, stream_));
+    PUMICE_CUDA_CHECK(cudaEventRecord(cols_uploaded_, stream_));
     if (!graphs_enabled()) {
         enqueue_step(n);
         return;
@@ -491,7 +507,7 @@ void CudaBackend::forward(BackendSession &session, const int32_t *tokens, int32_
     } else {
         for (int32_t done = 0; done < n; done += kMaxStepCols) {
             const int cols = std::min<int32_t>(kMaxStepCols, n - done);
-            StepColumn *ch = cols_host_.as<StepColumn>();
+            StepColumn *ch = writable_cols();
             for (int i = 0; i < cols; ++i)
                 ch[i] = StepColumn{tokens[done + i], p_start + done + i, s.n_ctx, 0, s.cache.as<__half>()};
             run_step(cols);
@@ -509,7 +525,7 @@ void CudaBackend::decode_batch(BackendSession *const *sessions, const int32_t *t
     const int64_t V = cfg_.vocab_size;
     for (int32_t done = 0; done < n; done += kMaxStepCols) {
         const int cols = std::min<int32_t>(kMaxStepCols, n - done);
-        StepColumn *ch = cols_host_.as<StepColumn>();
+        StepColumn *ch = writable_cols();
         for (int i = 0; i < cols; ++i) {
             CudaSession &s = static_cast<CudaSession &>(*sessions[done + i]);
             ch[i] = StepColumn{tokens[done + i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
@@ -653,6 +669,8 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
         ed.bias = L.down_bias.as<float>();
         launch_epilogue(ed, L.down.n_tiles, 1, y, ldy, n, stream_);
     }
+    // The next chunk rewrites the pinned column and pointer arrays: let this one's uploads finish.
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!logits || (!all && !last_chunk)) return;
     // The head, through the GEMV, 16 rows at a time (only the last row unless all).
     const int first = all ? 0 : n - 1;

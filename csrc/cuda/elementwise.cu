@@ -43,8 +43,33 @@ __global__ void embed_kernel(const WeightView w, const StepColumn *cols, int64_t
         resid[col * ld + k] = weight_at(w, row, k);
 }
 
-__global__ void rmsnorm_kernel(const float *x, int64_t ldx, const float *weight, int64_t hidden, float eps,
-                               __half *out, int64_t ldo) {
+// One block per column; each thread keeps its inputs in registers between the two passes
+// (the norm is on the critical path of every layer: it must be short, not just cheap).
+template <int PER_THREAD>
+__global__ void __launch_bounds__(1024) rmsnorm_kernel(const float *x, int64_t ldx, const float *weight,
+                                                       int64_t hidden, float eps, __half *out, int64_t ldo) {
+    __shared__ float scratch[32];
+    const int col = blockIdx.x;
+    const float *xr = x + col * ldx;
+    float v[PER_THREAD];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+        const int64_t k = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+        v[i] = k < hidden ? xr[k] : 0.f;
+        ss += v[i] * v[i];
+    }
+    ss = block_reduce<false>(ss, scratch);
+    const float inv = rsqrtf(ss / static_cast<float>(hidden) + eps);
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+        const int64_t k = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+        if (k < hidden) out[col * ldo + k] = __float2half(v[i] * inv * weight[k]);
+    }
+}
+
+__global__ void rmsnorm_large_kernel(const float *x, int64_t ldx, const float *weight, int64_t hidden, float eps,
+                                     __half *out, int64_t ldo) {
     __shared__ float scratch[32];
     const int col = blockIdx.x;
     const float *xr = x + col * ldx;
@@ -87,7 +112,9 @@ void launch_embed(const WeightView &w, const StepColumn *cols, int n_cols, int64
 void launch_rmsnorm(const float *x, int64_t ldx, const float *weight, int64_t hidden, float eps, __half *out,
                     int64_t ldo, int n_cols, cudaStream_t stream) {
     if (n_cols <= 0) return;
-    rmsnorm_kernel<<<n_cols, 512, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
+    if (hidden <= 1024 * 4) rmsnorm_kernel<4><<<n_cols, 1024, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
+    else if (hidden <= 1024 * 8) rmsnorm_kernel<8><<<n_cols, 1024, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
+    else rmsnorm_large_kernel<<<n_cols, 1024, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
     PUMICE_CUDA_CHECK_LAUNCH("rmsnorm");
 }
 

@@ -2,7 +2,7 @@
 // tensor-core fragments, with the layer's next step fused into the epilogue.
 //
 // Grid: one block per group of 1-2 row tiles (16 rows each); its 8 warps split the input
-// dimension, each streaming whole 512-byte units (16 B per lane, prefetched one unit ahead)
+// dimension, each streaming whole 512-byte units (16 B per lane, up to four units in flight)
 // and issuing one m16n8k16 mma per k-tile and per 8 columns. Partial sums meet in shared
 // memory, then the epilogue writes the result (f32, f16, residual add, SwiGLU, or RoPE + KV
 // cache). Activations are read straight from global memory: they are small and stay in L2.
@@ -140,63 +140,62 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
             for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.f;
 
     const int64_t units = w.units;
-    uint4 next_q[R];
-    uint2 next_q1[R];
-    auto fetch = [&](int64_t u, uint4 *q, uint2 *q1) {
+    // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
+    // before the first is used, so small matrices (a few units per warp) are not latency-bound.
+    constexpr int U = NT == 1 ? 4 : 2;
+    for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
+        uint4 q[U][R];
+        uint2 q1[U][R];
+        uint2 sm[U][R];
+        uint2 xs[U][NT][KT];
 #pragma unroll
-        for (int t = 0; t < R; ++t) {
-            const int64_t slot = (stored[t] * units + u) * 32 + lane;
-            q[t] = load_stream(w.codes + slot);
-            if constexpr (BITS == 3) q1[t] = load_stream(w.plane1 + slot);
-            else q1[t] = make_uint2(0, 0);
-        }
-    };
-    if (warp < units) fetch(warp, next_q, next_q1);
-
-    for (int64_t u = warp; u < units; u += kWarps) {
-        uint4 q[R];
-        uint2 q1[R];
-#pragma unroll
-        for (int t = 0; t < R; ++t) { q[t] = next_q[t]; q1[t] = next_q1[t]; }
-        if (u + kWarps < units) fetch(u + kWarps, next_q, next_q1);
-
-        // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
-        uint2 xs[NT][KT];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const __half *xp = xrow[nt] + u * KU;
-            if constexpr (KT % 2 == 0) {
-#pragma unroll
-                for (int j = 0; j < KT / 2; ++j) {
-                    const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * j) : make_uint4(0, 0, 0, 0);
-                    xs[nt][2 * j] = make_uint2(v.x, v.y);
-                    xs[nt][2 * j + 1] = make_uint2(v.z, v.w);
-                }
-            } else {
-                xs[nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
-            }
-        }
-        // One quantization group per lane and unit.
-        uint2 sm[R];
-        if constexpr (BITS != 16) {
-            const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
-#pragma unroll
-            for (int t = 0; t < R; ++t) sm[t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
-        }
-#pragma unroll
-        for (int kt = 0; kt < KT; ++kt) {
-            uint32_t b[NT][2];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                b[nt][0] = xs[nt][kt].x;
-                b[nt][1] = xs[nt][kt].y;
-            }
+        for (int j = 0; j < U; ++j) {
+            const int64_t u = u0 + j * kWarps;
+            if (u >= units) break;
 #pragma unroll
             for (int t = 0; t < R; ++t) {
-                uint32_t a[4];
-                decode_ktile<BITS>(q[t], q1[t], kt, BITS != 16 ? sm[t] : make_uint2(0, 0), a);
+                const int64_t slot = (stored[t] * units + u) * 32 + lane;
+                q[j][t] = load_stream(w.codes + slot);
+                if constexpr (BITS == 3) q1[j][t] = load_stream(w.plane1 + slot);
+                else q1[j][t] = make_uint2(0, 0);
+            }
+            // One quantization group per lane and unit.
+            if constexpr (BITS != 16) {
+                const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) mma_16816(acc[t][nt], a, b[nt]);
+                for (int t = 0; t < R; ++t) sm[j][t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
+            }
+            // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const __half *xp = xrow[nt] + u * KU;
+                if constexpr (KT % 2 == 0) {
+#pragma unroll
+                    for (int i2 = 0; i2 < KT / 2; ++i2) {
+                        const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * i2) : make_uint4(0, 0, 0, 0);
+                        xs[j][nt][2 * i2] = make_uint2(v.x, v.y);
+                        xs[j][nt][2 * i2 + 1] = make_uint2(v.z, v.w);
+                    }
+                } else {
+                    xs[j][nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            if (u0 + j * kWarps >= units) break;
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt) {
+#pragma unroll
+                for (int t = 0; t < R; ++t) {
+                    uint32_t a[4];
+                    decode_ktile<BITS>(q[j][t], q1[j][t], kt, BITS != 16 ? sm[j][t] : make_uint2(0, 0), a);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const uint32_t b[2] = {xs[j][nt][kt].x, xs[j][nt][kt].y};
+                        mma_16816(acc[t][nt], a, b);
+                    }
+                }
             }
         }
     }

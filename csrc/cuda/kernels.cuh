@@ -98,6 +98,7 @@ struct AttentionCall {
     float2 *partial_ml = nullptr; // [col][head][splits] (running max in log2 units, sum)
     __half *out = nullptr;        // [col][ldo]
     int64_t ldo = 0;
+    int *counters = nullptr;      // [16][n_kv_heads], zero between launches
 };
 void launch_attention_decode(const AttentionCall &call, cudaStream_t stream);
 

@@ -181,6 +181,7 @@ private:
     std::vector<CpuSession *> row_session_;
     std::vector<int32_t> row_pos_;
     std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, tmp_, cos_, sin_;
+    std::vector<float> part_max_, part_sum_, part_out_;  // attention over split key ranges
 
     // ---- construction ----------------------------------------------------------------------
 
@@ -228,6 +229,8 @@ private:
         const int64_t d = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size;
         const int64_t qd = int64_t(cfg_.num_heads) * cfg_.head_dim;
         const int64_t kvd = int64_t(cfg_.num_kv_heads) * cfg_.head_dim;
+        if (cfg_.num_heads / cfg_.num_kv_heads > 64)
+            throw UnsupportedError("more than 64 query heads per key/value head are not supported");
         embed_ = linear("model.embed_tokens.weight", V, d);
         if (!cfg_.tie_word_embeddings) lm_head_ = linear("lm_head.weight", V, d);
         final_norm_ = vector("model.norm.weight", d);
@@ -368,39 +371,108 @@ private:
         }
     }
 
-    // Softmax(q K^T / sqrt(head_dim)) V for every (row, head); a row sees its session's
-    // positions 0..row_pos inclusive. Work items are (row, head) pairs spread over the pool.
+    // Softmax(q K^T / sqrt(head_dim)) V for every (row, query head); a row sees its session's
+    // positions 0..row_pos inclusive.
+    //
+    // A work item is (row, KV head, key range): the query heads sharing a KV head (GQA) are
+    // handled together, so each cached key and value is read from memory once per group rather
+    // than once per query head — at long contexts the f32 cache is as large as 4-bit weights,
+    // and attention is bound by reading it. When there are too few (row, KV head) pairs to keep
+    // the pool busy (decoding one or a few sessions), the keys are also split into ranges whose
+    // partial softmax results (max, sum, unnormalised output) are merged afterwards.
     void attention(size_t layer, const float *q, int64_t m, float *out) {
         const int64_t H = cfg_.num_heads, KV = cfg_.num_kv_heads, hd = cfg_.head_dim;
         const int64_t group = H / KV;
         const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-        pool_.parallel_for(m * H, 1, [&](int64_t b, int64_t e) {
+        int64_t max_keys = 0;
+        for (int64_t r = 0; r < m; ++r) max_keys = std::max<int64_t>(max_keys, int64_t(row_pos_[r]) + 1);
+        constexpr int64_t kMinKeysPerSplit = 128;
+        const int64_t want_items = 4 * int64_t(pool_.size());
+        int64_t splits = 1;
+        if (m * KV < want_items)
+            splits = std::max<int64_t>(1, std::min((want_items + m * KV - 1) / (m * KV),
+                                                   max_keys / kMinKeysPerSplit));
+        const int64_t keys_per_split = (max_keys + splits - 1) / splits;
+        if (splits > 1) {
+            grow(part_max_, m * H * splits);
+            grow(part_sum_, m * H * splits);
+            grow(part_out_, m * H * splits * hd);
+        }
+        pool_.parallel_for(m * KV * splits, 1, [&](int64_t b, int64_t e) {
             thread_local std::vector<float> scores;
             for (int64_t item = b; item < e; ++item) {
-                const int64_t r = item / H, h = item % H, kvh = h / group;
+                const int64_t split = item % splits, r = item / splits / KV, kvh = item / splits % KV;
                 const CpuSession &s = *row_session_[r];
                 const int64_t n_keys = int64_t(row_pos_[r]) + 1;
-                const float *qh = q + (r * H + h) * hd;
-                const float *K = s.k_ + cache_index(s, layer, kvh, 0);
-                const float *Vc = s.v_ + cache_index(s, layer, kvh, 0);
-                if (static_cast<int64_t>(scores.size()) < n_keys) scores.resize(size_t(n_keys));
+                const int64_t t0 = std::min(n_keys, split * keys_per_split);
+                const int64_t t1 = std::min(n_keys, t0 + keys_per_split);
+                const int64_t len = t1 - t0;
+                const float *K = s.k_ + cache_index(s, layer, kvh, t0);
+                const float *Vc = s.v_ + cache_index(s, layer, kvh, t0);
+                const float *qg = q + (r * H + kvh * group) * hd;  // the group's query heads
+                if (static_cast<int64_t>(scores.size()) < group * len) scores.resize(size_t(group * len));
                 float *sc = scores.data();
-                float mx = -std::numeric_limits<float>::infinity();
-                for (int64_t t = 0; t < n_keys; ++t) {
-                    sc[t] = cpu::dot(qh, K + t * hd, hd) * scale;
-                    mx = std::max(mx, sc[t]);
+                for (int64_t t = 0; t < len; ++t)
+                    for (int64_t g = 0; g < group; ++g)
+                        sc[g * len + t] = cpu::dot(qg + g * hd, K + t * hd, hd) * scale;
+                float mx[64], sum[64];  // group <= 64 checked at construction
+                for (int64_t g = 0; g < group; ++g) {
+                    float *row = sc + g * len;
+                    float mg = -std::numeric_limits<float>::infinity();
+                    for (int64_t t = 0; t < len; ++t) mg = std::max(mg, row[t]);
+                    float total = 0.0f;
+                    for (int64_t t = 0; t < len; ++t) {
+                        row[t] = std::exp(row[t] - mg);
+                        total += row[t];
+                    }
+                    mx[g] = mg;
+                    sum[g] = total;
                 }
-                float sum = 0.0f;
-                for (int64_t t = 0; t < n_keys; ++t) {
-                    sc[t] = std::exp(sc[t] - mx);
-                    sum += sc[t];
+                for (int64_t g = 0; g < group; ++g) {
+                    const int64_t h = kvh * group + g;
+                    float *o = splits > 1 ? part_out_.data() + ((r * H + h) * splits + split) * hd
+                                          : out + (r * H + h) * hd;
+                    std::fill(o, o + hd, 0.0f);
                 }
-                float *o = out + (r * H + h) * hd;
-                std::fill(o, o + hd, 0.0f);
-                const float inv = 1.0f / sum;
-                for (int64_t t = 0; t < n_keys; ++t) cpu::axpy(sc[t] * inv, Vc + t * hd, o, hd);
+                for (int64_t t = 0; t < len; ++t)
+                    for (int64_t g = 0; g < group; ++g) {
+                        const int64_t h = kvh * group + g;
+                        float *o = splits > 1 ? part_out_.data() + ((r * H + h) * splits + split) * hd
+                                              : out + (r * H + h) * hd;
+                        cpu::axpy(sc[g * len + t], Vc + t * hd, o, hd);
+                    }
+                for (int64_t g = 0; g < group; ++g) {
+                    const int64_t h = kvh * group + g;
+                    if (splits > 1) {
+                        part_max_[(r * H + h) * splits + split] = mx[g];
+                        part_sum_[(r * H + h) * splits + split] = sum[g];
+                    } else {
+                        float *o = out + (r * H + h) * hd;
+                        const float inv = 1.0f / sum[g];
+                        for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+                    }
+                }
             }
         });
+        if (splits == 1) return;
+        // Merge the key ranges: rescale each partial result to the overall max.
+        for (int64_t rh = 0; rh < m * H; ++rh) {
+            const float *pm = part_max_.data() + rh * splits, *ps = part_sum_.data() + rh * splits;
+            float M = -std::numeric_limits<float>::infinity();
+            for (int64_t sp = 0; sp < splits; ++sp)
+                if (ps[sp] > 0.0f) M = std::max(M, pm[sp]);
+            float total = 0.0f;
+            float *o = out + rh * hd;
+            std::fill(o, o + hd, 0.0f);
+            for (int64_t sp = 0; sp < splits; ++sp) {
+                if (!(ps[sp] > 0.0f)) continue;  // an empty key range
+                const float w = std::exp(pm[sp] - M);
+                total += ps[sp] * w;
+                cpu::axpy(w, part_out_.data() + (rh * splits + sp) * hd, o, hd);
+            }
+            const float inv = 1.0f / total;
+            for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+        }
     }
 };
 

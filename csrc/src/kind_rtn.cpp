@@ -31,9 +31,9 @@ constexpr int64_t kBlock = 32;
 
 // ---- block orders ----------------------------------------------------------------------------
 // 2 bits: qword q of the register holds the 8 bytes shifted right by 2q → lane 8q+i is code 4i+q.
-// 3 bits: dword p of each half holds bytes 3p..3p+2 (codes 8p..8p+7); the upper half is shifted
-//         by 12 bits, and the four bytes of a dword take 3-bit fields 0..3 → lane 16h+4p+m is
-//         code 8p+4h+m.
+// 3 bits: codes are decoded into 16-bit lanes, codes 0..15 in one register and 16..31 in a
+//         second, then packed to bytes per 128-bit half → lane 16h+m is code 8h+m for m < 8 and
+//         16+8h+(m-8) for m >= 8.
 // 4 bits: both halves hold the 16 bytes, the upper shifted by 4 → lane 16h+i is code 2i+h.
 // 8 bits: natural.
 struct BlockOrders {
@@ -41,8 +41,8 @@ struct BlockOrders {
     BlockOrders() {
         for (int lane = 0; lane < kBlock; ++lane) {
             order[2][lane] = uint8_t(4 * (lane % 8) + lane / 8);
-            const int h = lane / 16, p = (lane % 16) / 4, m = lane % 4;
-            order[3][lane] = uint8_t(8 * p + 4 * h + m);
+            const int h = lane / 16, m = lane % 16;
+            order[3][lane] = uint8_t(m < 8 ? 8 * h + m : 16 + 8 * h + (m - 8));
             order[4][lane] = uint8_t(2 * (lane % 16) + lane / 16);
             order[8][lane] = uint8_t(lane);
         }
@@ -76,19 +76,25 @@ inline __m256i unpack32(const uint8_t *p) {
                                                   _mm256_setr_epi64x(0, 2, 4, 6)),
                                 _mm256_set1_epi8(0x03));
     } else if constexpr (B == 3) {
+        // Each 16-bit lane gathers the two bytes holding its code (pshufb), a multiply by
+        // 2^(13 - bit offset) moves the code to bits 13..15 and a shift brings it down: AVX2 has
+        // no per-lane 16-bit shift, the multiply is one. Ten instructions for 32 codes.
         uint32_t tail;
         std::memcpy(&tail, p + 8, 4);
         const __m128i bytes = _mm_insert_epi32(
             _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)), int(tail), 2);
-        const __m128i pieces = _mm_shuffle_epi8(
-            bytes, _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
-        const __m256i u = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(pieces),
-                                            _mm256_setr_epi32(0, 0, 0, 0, 12, 12, 12, 12));
-        const __m256i f0 = _mm256_and_si256(u, _mm256_set1_epi32(0x7));
-        const __m256i f1 = _mm256_and_si256(_mm256_slli_epi32(u, 5), _mm256_set1_epi32(0x700));
-        const __m256i f2 = _mm256_and_si256(_mm256_slli_epi32(u, 10), _mm256_set1_epi32(0x70000));
-        const __m256i f3 = _mm256_and_si256(_mm256_slli_epi32(u, 15), _mm256_set1_epi32(0x7000000));
-        return _mm256_or_si256(_mm256_or_si256(f0, f1), _mm256_or_si256(f2, f3));
+        const __m256i both = _mm256_broadcastsi128_si256(bytes);
+        const __m256i first = _mm256_shuffle_epi8(
+            both, _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                   3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6));
+        const __m256i second = _mm256_shuffle_epi8(
+            both, _mm256_setr_epi8(6, 7, 6, 7, 6, 7, 7, 8, 7, 8, 7, 8, 8, 9, 8, 9,
+                                   9, 10, 9, 10, 9, 10, 10, 11, 10, 11, 10, 11, 11, -1, 11, -1));
+        const __m256i to_top = _mm256_setr_epi16(8192, 1024, 128, 4096, 512, 64, 2048, 256,
+                                                 8192, 1024, 128, 4096, 512, 64, 2048, 256);
+        const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(first, to_top), 13);
+        const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(second, to_top), 13);
+        return _mm256_packus_epi16(a, b);
     } else if constexpr (B == 4) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
         return _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(v),
@@ -320,6 +326,11 @@ RtnActivations activations_from_env() {
 
 const uint8_t *rtn_block_order(int bits) { return kOrders.order[bits]; }
 
+int64_t rtn_per_token_batch_limit(int bits, RtnActivations mode) {
+    if (mode == RtnActivations::F32) return 2;
+    return (bits == 2 || bits == 4) ? 8 : 4;
+}
+
 RtnLinear::RtnLinear(const TensorView &view) {
     out_features = view.shape[0];
     in_features = view.shape[1];
@@ -352,12 +363,11 @@ int64_t RtnLinear::stored_bytes() const {
 }
 
 void RtnLinear::apply(const float *x, int64_t batch, float *y, ThreadPool &pool) const {
-    // Dequantizing tiles costs about as much as one f32 GEMV pass, which only pays off when
-    // enough tokens share it: measured on 4096×4096 4-bit, GEMM took 6.9 ms for 2 tokens and
-    // 10.3 ms for 8 against 1.6 ms per token for the int8 GEMV. Small batches (decode_batch)
-    // therefore run the GEMV per token, which also gives each session exactly the result it
-    // would get decoding alone.
-    const int64_t per_token_limit = activations_ == RtnActivations::INT8 ? 4 : 2;
+    // The tiled GEMM costs about 8 ms for 8 tokens on 4096×4096 at any width (FMA bound, one
+    // thread) against, per token, 0.74 / 1.73 / 0.89 / 1.58 ms for the 2 / 3 / 4 / 8-bit int8
+    // GEMV and ~2 ms for the exact one. Small batches (decode_batch) therefore run the GEMV
+    // per token, which also gives each session exactly the result it would get decoding alone.
+    const int64_t per_token_limit = rtn_per_token_batch_limit(bits_, activations_);
     if (batch <= per_token_limit) {
         for (int64_t b = 0; b < batch; ++b)
             gemv(x + b * in_features, y + b * out_features, pool, activations_);

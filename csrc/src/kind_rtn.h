@@ -25,6 +25,9 @@ enum class RtnActivations {
 // For lane L of an unpacked 32-code block, the index (0..31) of that code within the block.
 const uint8_t *rtn_block_order(int bits);
 
+// Batches up to this size run the batch-1 kernel once per token; larger ones the tiled GEMM.
+int64_t rtn_per_token_batch_limit(int bits, RtnActivations mode);
+
 class RtnLinear final : public LinearOp {
 public:
     // Validates params (bits, group_size) and parts (codes u8 [N, Kp*b/8], scales/mins f16
