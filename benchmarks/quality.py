@@ -107,7 +107,16 @@ def run_generic(method):
     return run
 
 
-METHODS = {"dense": run_dense, "rtn": run_rtn, "caldera": run_caldera}
+def run_bcq(budget, ctx):
+    # Every layer is fitted once per candidate q (fits_cache); each budget only re-allocates.
+    path, seconds = ctx.convert(
+        f"bcq-{budget}", method="bcq", bits=budget, calib=str(ctx.calib_file),
+        candidates="1,2,3,4", calib_cache=str(CACHE / "smollm2-bcq-hessians.pt"),
+        fits_cache=str(CACHE / "smollm2-bcq-fits"))
+    return path, seconds, None
+
+
+METHODS = {"dense": run_dense, "rtn": run_rtn, "caldera": run_caldera, "bcq": run_bcq}
 
 
 def linear_bits_per_weight(path: Path) -> float:
@@ -129,6 +138,19 @@ def provenance(path: Path) -> dict:
 
 
 def score(path: Path, text: str, windows: int | None) -> tuple[float, int]:
+    """Perplexity, remembered per (file, its mtime, windows) so reruns only score new files."""
+    results = CACHE / "perplexities.json"
+    table = json.loads(results.read_text()) if results.exists() else {}
+    key = f"{path}:{path.stat().st_mtime_ns}:{windows}"
+    if key not in table:
+        table = dict(json.loads(results.read_text()) if results.exists() else {},
+                     **{key: _score(path, text, windows)})
+        results.write_text(json.dumps(table, indent=1))
+    ppl, count = table[key]
+    return ppl, count
+
+
+def _score(path: Path, text: str, windows: int | None) -> tuple[float, int]:
     from pumice.runtime.native import NativeModel
     from pumice.runtime.perplexity import text_perplexity
     from pumice.runtime.tokenizer import Tokenizer

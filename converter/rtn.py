@@ -1,16 +1,20 @@
 """Per-group asymmetric round-to-nearest quantization: the `rtn` kind of docs/FORMAT.md.
 
 Each row is cut into groups of `group_size` columns; a group stores b-bit codes and an f16
-(scale, min) pair, W ≈ scale * code + min. Plain min/max scaling wastes most of the code range on
+(scale, min) pair, W ≈ scale * code + min. Plain min/max scaling wastes much of the code range on
 a few outliers, which costs a lot at 2-3 bits, so each group's range is chosen by two cheap,
-vectorised steps that only ever lower its squared error:
+vectorised steps that only ever lower its importance-weighted squared error Σ a (Ŵ - W)²:
 
 1. Clipping search: try the range [α·min, α·max] for a grid of shrink factors α ∈ [0.5, 1]
    (min and max of a weight group bracket 0, so shrinking toward 0 clips both tails) and keep,
-   per group, the α with the least squared error.
-2. Least-squares refit: with the codes fixed, the best (scale, min) is a 1-D linear regression of
-   the weights on the codes; refit, round to f16, re-round the codes, and keep the result only
-   for groups whose error went down. Alternating these is a monotone (Lloyd-style) descent.
+   per group, the α with the least error.
+2. Weighted least-squares refit: with the codes fixed, the best (scale, min) is a weighted 1-D
+   linear regression of the weights on the codes; refit, round to f16, re-round the codes, and
+   keep the result only for groups whose error went down (a monotone, Lloyd-style descent).
+
+The importance a = |w| + rms(group) ("magnitude") keeps large weights accurate: with plain
+squared error the search clips exactly the weights the model depends on, and perplexity gets
+worse even though the weight error drops (docs/CONVERTER.md has the numbers).
 
 Every error is measured with the f16-rounded scale and min that the file will hold, so what is
 optimised is exactly what the runtime reconstructs.
@@ -89,7 +93,9 @@ def _importance(w: torch.Tensor, weighting: str) -> torch.Tensor:
         # |w| plus the group's RMS: large weights count more (their errors tend to matter more
         # for the layer's output), yet small ones are never free to be zeroed.
         return w.abs() + w.square().mean(-1, keepdim=True).sqrt()
-    raise ValueError(f"weighting must be 'magnitude' or 'uniform', got {weighting!r}")
+    if weighting == "square":
+        return w.square() + w.square().mean(-1, keepdim=True)
+    raise ValueError(f"weighting must be 'magnitude', 'square' or 'uniform', got {weighting!r}")
 
 
 def _quantize_groups(w: torch.Tensor, bits: int, grid: int, refine_steps: int,

@@ -276,6 +276,8 @@ class Generator:
 
     def _prefill(self, prompt_ids: list[int]):
         """Bring the cache to ``prompt_ids`` (reusing its common prefix); logits of the last token."""
+        if len(self._cached) != self.session.n_past:
+            self.reset()  # an interrupt landed between a forward call and our bookkeeping
         reuse = _common_prefix_length(self._cached, prompt_ids)
         if reuse == len(prompt_ids):
             reuse -= 1  # the last prompt token must run again: its logits pick the first token

@@ -11,7 +11,6 @@ Two tokenizer kinds (docs/FORMAT.md, ``metadata.tokenizer.type``):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterable, Sequence

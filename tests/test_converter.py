@@ -122,15 +122,25 @@ def test_rtn_error_decreases_with_bits(smollm2_dir):
         assert errors[2] < 0.02, (name, errors)  # 4 bits: within 2% relative squared error
 
 
-def test_rtn_search_beats_min_max(smollm2_dir):
-    """The clipping search and refit matter most at 2-3 bits."""
+def test_rtn_search_lowers_its_objective(smollm2_dir):
+    """The clipping search and refit lower the error they minimise: plain squared error with
+    weighting="uniform", magnitude-weighted squared error (the default), vs plain min/max."""
     weight = source_tensors(smollm2_dir)["model.layers.2.mlp.up_proj.weight"].float()
+    groups = weight.reshape(weight.shape[0], -1, 64)
+    importance = (groups.abs() + groups.square().mean(-1, keepdim=True).sqrt()).reshape(weight.shape)
+
+    def errors(parts, bits):
+        recon = torch.from_numpy(dequantize_parts("rtn", tuple(weight.shape),
+                                                  {"bits": bits, "group_size": 64}, parts))
+        squared = (recon - weight) ** 2
+        return float(squared.mean()), float((squared * importance).mean())
+
     for bits in (2, 3):
-        plain = quantize_rtn(weight, bits, 64, grid=1, refine_steps=0)
-        searched = quantize_rtn(weight, bits, 64)
-        err = [((dequantize_parts("rtn", tuple(weight.shape), {"bits": bits, "group_size": 64}, p)
-                 - weight.numpy()) ** 2).mean() for p in (plain, searched)]
-        assert err[1] < 0.8 * err[0], (bits, err)
+        plain = errors(quantize_rtn(weight, bits, 64, grid=1, refine_steps=0), bits)
+        uniform = errors(quantize_rtn(weight, bits, 64, weighting="uniform"), bits)
+        default = errors(quantize_rtn(weight, bits, 64), bits)
+        assert uniform[0] < 0.8 * plain[0], (bits, plain, uniform)
+        assert default[1] < 0.9 * plain[1], (bits, plain, default)
 
 
 def test_rtn_short_last_group_and_constant_groups():

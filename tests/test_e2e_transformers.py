@@ -90,6 +90,7 @@ def test_dense_last_position_logits_match(reference, dense_generator):
         ours = session.forward(ids).astype(np.float64)
         expected = reference_logits(model, ids)[-1]
         error = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
+        print(f"e2e: dense logits relative error {error:.2e} ({prompt!r})")
         assert error <= 1e-3, f"{prompt!r}: relative error {error:.2e}"
     session.close()
 
@@ -102,6 +103,7 @@ def test_rtn8_top1_agreement_on_real_text(reference, convert_smollm2, english_te
     with NativeModel(convert_smollm2("rtn", bits=8, group_size=64)) as rtn:
         ours = rtn.new_session(512).forward(ids, logits_all=True).argmax(axis=1)
     agreement = float((ours == expected).mean())
+    print(f"e2e: rtn 8-bit top-1 agreement {agreement:.4f} over {len(ids)} positions")
     assert agreement >= 0.95, f"top-1 agreement {agreement:.3f}"
 
 
@@ -130,6 +132,9 @@ def test_perplexity_command_matches_transformers(reference, convert_smollm2, eng
     output = capsys.readouterr().out
     assert status == 0, output
     ours = float(output.split("perplexity ")[1].split()[0])
+    with capsys.disabled():
+        print(f"e2e: perplexity pumice {ours:.4f} vs transformers {expected:.4f} "
+              f"({abs(ours - expected) / expected:.2e} relative)")
     assert f"over {PPL_WINDOWS * (PPL_WINDOW - 1)} tokens" in output
     assert abs(ours - expected) / expected <= 0.005, f"pumice {ours:.4f} vs transformers {expected:.4f}"
 

@@ -3,8 +3,6 @@ model with a character-level tokenizer, then on SmolLM2 for what only a real mod
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 

@@ -160,6 +160,18 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
         for (int e = 0; e < 8; ++e) red[kp][g][dl * 8 + e] = acc[g][e];
     __syncthreads();
     const int n_heads = a.n_heads;
+    const int used = (len + chunk - 1) / chunk;
+    if (used == 1) {
+        // The whole context fits one slice (short contexts): normalize and write directly.
+        for (int idx = tid; idx < G * D; idx += kThreads) {
+            const int g = idx / D, d = idx % D;
+            float sacc = 0.f;
+#pragma unroll
+            for (int pg = 0; pg < NPG; ++pg) sacc += red[pg][g][d];
+            a.out[col * a.ldo + static_cast<int64_t>(kvh * G + g) * D + d] = __float2half(sacc / l_s[g]);
+        }
+        return;
+    }
     for (int idx = tid; idx < G * D; idx += kThreads) {
         const int g = idx / D, d = idx % D;
         float s = 0.f;
@@ -175,7 +187,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 
     // The last block of this (column, kv head) to finish merges the slices (no second launch).
     __shared__ bool is_last;
-    const int used = (len + chunk - 1) / chunk;
     __threadfence();
     __syncthreads();
     if (tid == 0) {

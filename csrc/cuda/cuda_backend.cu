@@ -374,7 +374,9 @@ GemvCall CudaBackend::gemv_call(const LinearSlot &slot, const __half *x, int64_t
 
 int CudaBackend::attention_splits(int n_cols) const {
     const int blocks = n_cols * cfg_.num_kv_heads;
-    const int want = static_cast<int>(ceil_div(2 * num_sms_, blocks));
+    // About six blocks per SM once the context is long; short contexts leave most splits idle
+    // (each split covers at least 32 positions).
+    const int want = static_cast<int>(ceil_div(6 * num_sms_, blocks));
     return std::max(1, std::min(kMaxSplits, want));
 }
 

@@ -1,7 +1,7 @@
 // gemv.cu — the decode workhorse: y = W x for 1..16 columns, dequantizing on the fly into
 // tensor-core fragments, with the layer's next step fused into the epilogue.
 //
-// Grid: one block per group of 1-2 row tiles (16 rows each); its 8 warps split the input
+// Grid: one block per group of 1-2 row tiles (16 rows each); its 8 or 4 warps split the input
 // dimension, each streaming whole 512-byte units (16 B per lane, up to four units in flight)
 // and issuing one m16n8k16 mma per k-tile and per 8 columns. Partial sums meet in shared
 // memory, then the epilogue writes the result (f32, f16, residual add, SwiGLU, or RoPE + KV
@@ -18,7 +18,9 @@ namespace pumice {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;
+// Warps per block: 8 for single-tile blocks (more loads in flight per output), 4 when a block
+// holds two tiles (its registers would otherwise allow a single block per SM).
+template <int R> __host__ __device__ constexpr int warps_for() { return R == 1 ? 8 : 4; }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
@@ -107,7 +109,8 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
 }
 
 template <int BITS, int R, int NT>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) {
+__global__ void __launch_bounds__(warps_for<R>() * 32) gemv_kernel(const GemvCall call) {
+    constexpr int kWarps = warps_for<R>();
     constexpr int KT = unit_ktiles(BITS);
     constexpr int KU = unit_k(BITS);
     __shared__ float red[kWarps][R][16][NT * 8];
@@ -131,13 +134,17 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
         xrow[nt] = call.x + static_cast<int64_t>(xvalid[nt] ? n : 0) * call.ldx + (lane % 4) * (KU / 4);
     }
 
-    float acc[R][NT][4];
+    // Several accumulators per output fragment: consecutive mmas do not wait on each other.
+    constexpr int NACC = R * NT == 1 ? 4 : 2;
+    float acc[NACC][R][NT][4];
 #pragma unroll
-    for (int t = 0; t < R; ++t)
+    for (int c = 0; c < NACC; ++c)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int t = 0; t < R; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.f;
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[c][t][nt][e] = 0.f;
 
     const int64_t units = w.units;
     // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
@@ -193,7 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
                         const uint32_t b[2] = {xs[j][nt][kt].x, xs[j][nt][kt].y};
-                        mma_16816(acc[t][nt], a, b);
+                        mma_16816(acc[(j * KT + kt) % NACC][t][nt], a, b);
                     }
                 }
             }
@@ -201,13 +208,21 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvCall call) 
     }
 
 #pragma unroll
+    for (int c = 1; c < NACC; ++c)
+#pragma unroll
+        for (int t = 0; t < R; ++t)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[0][t][nt][e] += acc[c][t][nt][e];
+#pragma unroll
     for (int t = 0; t < R; ++t)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            red[warp][t][bn][nt * 8 + c0] = acc[t][nt][0];
-            red[warp][t][bn][nt * 8 + c0 + 1] = acc[t][nt][1];
-            red[warp][t][bn + 8][nt * 8 + c0] = acc[t][nt][2];
-            red[warp][t][bn + 8][nt * 8 + c0 + 1] = acc[t][nt][3];
+            red[warp][t][bn][nt * 8 + c0] = acc[0][t][nt][0];
+            red[warp][t][bn][nt * 8 + c0 + 1] = acc[0][t][nt][1];
+            red[warp][t][bn + 8][nt * 8 + c0] = acc[0][t][nt][2];
+            red[warp][t][bn + 8][nt * 8 + c0 + 1] = acc[0][t][nt][3];
         }
     __syncthreads();
 
@@ -271,8 +286,9 @@ template <int BITS, int R>
 void launch_gemv_bits_r(const GemvCall &c, cudaStream_t stream) {
     const int64_t groups = c.n_tiles / R;
     if (groups <= 0) return;
-    if (c.batch <= 8) gemv_kernel<BITS, R, 1><<<static_cast<unsigned>(groups), kWarps * 32, 0, stream>>>(c);
-    else gemv_kernel<BITS, R, 2><<<static_cast<unsigned>(groups), kWarps * 32, 0, stream>>>(c);
+    constexpr int threads = warps_for<R>() * 32;
+    if (c.batch <= 8) gemv_kernel<BITS, R, 1><<<static_cast<unsigned>(groups), threads, 0, stream>>>(c);
+    else gemv_kernel<BITS, R, 2><<<static_cast<unsigned>(groups), threads, 0, stream>>>(c);
     PUMICE_CUDA_CHECK_LAUNCH("gemv");
 }
 
