@@ -69,12 +69,30 @@ class Context:
         return path, time.time() - started
 
 
-def rtn_config(budget: float) -> tuple[int, int]:
-    """The widest rtn codes whose group size still fits the budget (scale + min = 32 bits/group),
-    with the smallest such group: bits + 32 / group_size ≤ budget."""
+def linear_shapes(checkpoint: Path) -> list[tuple[int, int]]:
+    """[out, in] of one decoder layer's seven linear weights."""
+    c = json.loads((checkpoint / "config.json").read_text())
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    hd = c.get("head_dim") or h // heads
+    return [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd),
+            (inter, h), (inter, h), (h, inter)]
+
+
+def rtn_bits_per_weight(shapes, bits: int, group: int) -> float:
+    """Exact stored bits per weight of `rtn` on these shapes: codes padded to 32 per row plus an
+    f16 scale and min per (row, group), the last group of a row possibly short."""
+    stored = sum(n * (-(-k // 32) * 32 * bits + 32 * -(-k // group)) for n, k in shapes)
+    return stored / sum(n * k for n, k in shapes)
+
+
+def rtn_config(budget: float, shapes) -> tuple[int, int]:
+    """The widest rtn codes that fit the budget, with the smallest group that still fits (all
+    overhead counted on the model's real shapes)."""
     for bits in (4, 3, 2):
         for group in range(32, 4097, 32):
-            if bits + 32.0 / group <= budget + 1e-9:
+            if rtn_bits_per_weight(shapes, bits, group) <= budget + 1e-9:
                 return bits, group
     raise ValueError(f"no rtn configuration fits {budget} bits per weight")
 
@@ -85,7 +103,7 @@ def run_dense(budget, ctx):
 
 
 def run_rtn(budget, ctx):
-    bits, group = rtn_config(budget)
+    bits, group = rtn_config(budget, linear_shapes(ctx.checkpoint))
     path, seconds = ctx.convert(f"rtn-b{bits}g{group}", method="rtn", bits=bits, group_size=group)
     return path, seconds, f"b={bits} g={group}"
 

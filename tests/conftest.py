@@ -48,10 +48,12 @@ def convert_smollm2(smollm2_dir):
     from pumice.converter import convert
 
     def make(method: str = "dense", **options) -> Path:
-        key = "-".join([method] + [f"{k}={options[k]}" for k in sorted(options)] + [_source_stamp()])
-        out = CACHE_DIR / "converted" / f"smollm2-{key}.pumice"
+        key = "-".join([method] + [f"{k}={options[k]}" for k in sorted(options)])
+        out = CACHE_DIR / "converted" / f"smollm2-{key}-{_source_stamp()}.pumice"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
+            for stale in out.parent.glob(f"smollm2-{key}-{'?' * 12}.pumice"):  # older converter versions
+                stale.unlink(missing_ok=True)
             partial = out.with_suffix(".partial")
             convert(smollm2_dir, partial, method=method, **options)
             partial.rename(out)

@@ -184,6 +184,9 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
     const int64_t chunk = (n + max_chunks - 1) / max_chunks;
     const uint32_t n_chunks = uint32_t((n + chunk - 1) / chunk);
 
+    // Close the previous job's chunk counter first: a worker still in work_on() for it would
+    // otherwise read the new n_chunks below and claim (and count as done) a chunk of this job.
+    p.tag.store(make_tag(tag_generation(p.tag.load(std::memory_order_relaxed)), UINT32_MAX), std::memory_order_seq_cst);
     p.fn.store(&fn, std::memory_order_relaxed);
     p.n.store(n, std::memory_order_relaxed);
     p.chunk.store(chunk, std::memory_order_relaxed);
