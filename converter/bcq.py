@@ -28,7 +28,6 @@ Fitting, per layer (docs/BCQ.md has the reasoning and measured numbers):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 

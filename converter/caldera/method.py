@@ -106,7 +106,7 @@ def candidate_configs(shape, q_bits, ranks, lr_bits, q_group_sizes=None, with_q=
 def config_label(config: CalderaConfig, with_q: bool = True) -> str:
     text = f"Q{config.q_bits}g{config.q_group_size}" if with_q else ""
     if config.rank:
-        text += f"+L{config.l_bits}R{config.r_bits}k{config.rank}"
+        text += ("+" if text else "") + f"L{config.l_bits}R{config.r_bits}k{config.rank}"
     return text
 
 
