@@ -282,3 +282,25 @@ def test_bad_device_index_is_a_device_error(tiny_models):
     with pytest.raises(PumiceError) as info:
         NativeModel(path, device="cuda:97")
     assert info.value.status == 7  # PUMICE_ERR_DEVICE
+
+
+# ---- kinds without a GPU layout (held as f16 after a host dequantization) -------------------
+
+def test_bcq_tensors_run_through_the_f16_fallback(tmp_path):
+    from pumice.format.kind_bcq import pack_bcq
+    rng = np.random.default_rng(77)
+    path = tmp_path / "bcq.pumice"
+    shapes = {"a": (70, 200, 2, 64), "b": (33, 40, 3, 16), "c": (64, 576, 4, 128)}
+    with PumiceWriter(path, {"architecture": "tensors"}) as writer:
+        for name, (n, k, q, g) in shapes.items():
+            signs = rng.random((q, n, k)) < 0.5
+            exponents = rng.integers(-8, 3, size=(n, -(-k // g), q))
+            row_scales = rng.uniform(0.25, 2.0, n).astype(np.float16)
+            writer.add_tensor(name, "bcq", [n, k], {"bits": q, "group_size": g},
+                              pack_bcq(signs, exponents, row_scales, g))
+    with NativeModel(path, device="cuda") as model:
+        for name, (n, k, _, _) in shapes.items():
+            w = model.dequantize(name).astype(np.float64)  # the CPU kind's reconstruction
+            x = rng.standard_normal((5, k)).astype(np.float32)
+            ref = x.astype(np.float64) @ w.T
+            assert relative_error(model.linear_apply(name, x), ref) < 3e-3, name
