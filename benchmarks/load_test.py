@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from pumice.server.metrics import parse_metrics
+
 QUESTIONS = [
     "Explain how a refrigerator works.",
     "Write a short story about a lighthouse keeper.",
@@ -179,15 +181,6 @@ async def run_phase(base: str, clients: int, args) -> Phase:
         summed = after["pumice_decode_batch_size_sum"] - before["pumice_decode_batch_size_sum"]
         phase.mean_batch = summed / steps if steps else 0.0
     return phase
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def random_model(hf_dir: Path) -> str:
