@@ -34,6 +34,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from pumice.converter.caldera.budget import Candidate, allocate
+
 from pumice.format.kind_bcq import (MAX_EXPONENT, MIN_EXPONENT, pack_bcq,
                                     stored_bits_per_weight)
 
@@ -376,52 +378,22 @@ def allocate_bits(costs: Mapping[str, Mapping[int, float]], shapes: Mapping[str,
                   budget: float, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
     """One q per layer minimising Σ cost[layer][q] with mean stored bits/weight ≤ budget.
 
-    A Lagrangian search: each layer takes argmin cost + μ·bits for a trade-off μ found by
-    bisection, then the spare budget upgrades the layers with the best cost drop per bit.
+    The same Lagrangian search plus greedy fill as CALDERA's allocator (converter/caldera/budget),
+    over candidates whose cost is the exact stored bits of a bcq layer with q planes.
     """
     names = list(costs)
-    numel = {name: shapes[name][0] * shapes[name][1] for name in names}
-    total = sum(numel.values())
-    size = {name: {q: stored_bits_per_weight(*shapes[name], q, group_size) * numel[name]
-                   for q in costs[name]} for name in names}
-    limit = budget * total
-
-    def pick(mu: float) -> dict[str, int]:
-        return {name: min(costs[name], key=lambda q: (costs[name][q] + mu * size[name][q], q))
-                for name in names}
-
-    def used(choice):
-        return sum(size[name][choice[name]] for name in names)
-
-    smallest = {name: min(costs[name]) for name in names}
-    if used(smallest) > limit * (1 + 1e-12):
+    total = sum(shapes[name][0] * shapes[name][1] for name in names)
+    choices = [[Candidate(label=str(q), payload=q, error=costs[name][q],
+                          bits=stored_bits_per_weight(*shapes[name], q, group_size)
+                          * shapes[name][0] * shapes[name][1])
+                for q in sorted(costs[name])] for name in names]
+    try:
+        picked = allocate(choices, budget * total * (1 + 1e-12))
+    except ValueError:
+        smallest = sum(min(c.bits for c in cands) for cands in choices) / total
         raise ValueError(f"a budget of {budget} bits/weight is below the smallest candidate "
-                         f"({used(smallest) / total:.3f} bits/weight with all overhead)")
-    lo, hi = 0.0, 1.0
-    while used(pick(hi)) > limit:
-        hi *= 4.0
-        if hi > 1e30:
-            break
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if used(pick(mid)) > limit:
-            lo = mid
-        else:
-            hi = mid
-    choice = pick(hi)
-    # Spend what is left, best error reduction per extra bit first.
-    while True:
-        spare = limit - used(choice)
-        best = None
-        for name in names:
-            for q in costs[name]:
-                extra = size[name][q] - size[name][choice[name]]
-                gain = costs[name][choice[name]] - costs[name][q]
-                if 0 < extra <= spare and gain > 0 and (best is None or gain / extra > best[0]):
-                    best = (gain / extra, name, q)
-        if best is None:
-            return choice
-        choice[best[1]] = best[2]
+                         f"({smallest:.3f} bits/weight with all overhead)") from None
+    return {name: cands[i].payload for name, cands, i in zip(names, choices, picked)}
 
 
 def quantize_layers(weights: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
