@@ -278,32 +278,31 @@ def _index_files(directory: Path, index_name: str) -> dict[str, Path] | None:
     return files
 
 
+def _safetensors_names(path: Path) -> list[str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {err}") from None
+
+
+def _weight_files(directory: Path, index_name: str, pattern: str, list_names) -> dict[str, Path] | None:
+    """{tensor name: file} from the sharding index if present, else by listing each matching file."""
+    files = _index_files(directory, index_name)
+    if files is None:
+        shards = sorted(directory.glob(pattern))
+        if shards:
+            files = {name: shard for shard in shards for name in list_names(shard)}
+    return files
+
+
 def _open_weights(directory: Path):
     """-> (source with .get(name), {name: file}, format name)."""
-    files = _index_files(directory, "model.safetensors.index.json")
-    if files is None:
-        shards = sorted(directory.glob("*.safetensors"))
-        if shards:
-            from safetensors import safe_open
-            files = {}
-            for shard in shards:
-                try:
-                    with safe_open(str(shard), framework="pt") as handle:
-                        names = list(handle.keys())
-                except Exception as err:
-                    raise CheckpointError(f"{shard}: cannot read safetensors file: {err}") from None
-                for name in names:
-                    files[name] = shard
+    files = _weight_files(directory, "model.safetensors.index.json", "*.safetensors", _safetensors_names)
     if files is not None:
         return _SafetensorsSource(files), files, "safetensors"
-    files = _index_files(directory, "pytorch_model.bin.index.json")
-    if files is None:
-        shards = sorted(directory.glob("pytorch_model*.bin"))
-        if shards:
-            files = {}
-            for shard in shards:
-                for name in _torch_load(shard):
-                    files[name] = shard
+    files = _weight_files(directory, "pytorch_model.bin.index.json", "pytorch_model*.bin", _torch_load)
     if files is not None:
         return _TorchBinSource(files), files, "pytorch"
     raise MissingFileError(f"{directory}: no weights found (expected model.safetensors, sharded "
