@@ -25,6 +25,7 @@
 #include "backend.h"
 #include "cublas_loader.h"
 #include "cuda_common.cuh"
+#include "device_linear.cuh"
 #include "kernels.cuh"
 #include "weights.cuh"
 
@@ -38,6 +39,11 @@ constexpr int kMaxSplits = 64;
 
 bool verbose() {
     const char *v = std::getenv("PUMICE_VERBOSE");
+    return v && *v && std::string(v) != "0";
+}
+// Tests: run every group's tensors one by one (the path of bcq and caldera groups) for all kinds.
+bool unfused_forced() {
+    const char *v = std::getenv("PUMICE_CUDA_UNFUSED");
     return v && *v && std::string(v) != "0";
 }
 bool graphs_enabled() {
@@ -58,8 +64,30 @@ DeviceBuffer upload_vector(const std::vector<float> &v, const char *what, cudaSt
     return buf;
 }
 
+// One launch of the step: q/k/v, gate/up, or a single tensor. Either one fused tiled GEMV, or
+// (when a tensor has another GPU form) its tensors one by one into f32 rows, then the epilogue.
+struct LinearGroup {
+    struct Part {
+        const DeviceLinear *linear = nullptr;
+        RowMap map;
+    };
+    LinearSlot fused;          // all stored tiles, when parts is empty
+    std::vector<Part> parts;
+    int64_t n_tiles = 0;       // stored row tiles
+    int64_t n_rows = 0;        // rows the epilogue sees (SwiGLU: outputs)
+    int64_t k = 0;
+    bool is_fused() const { return parts.empty(); }
+};
+
+// A named tensor for linear_apply: its place in a fused weight, or its own DeviceLinear.
+struct NamedLinear {
+    LinearSlot slot;
+    const DeviceLinear *linear = nullptr;
+    int perm_d = 0;
+};
+
 struct Layer {
-    LinearSlot qkv, o, gate_up, down;  // the fused launches (all stored tiles)
+    LinearGroup qkv, o, gate_up, down;
     DeviceBuffer attn_norm, mlp_norm;
     DeviceBuffer qkv_bias, o_bias, gate_up_bias, down_bias;  // f32 by stored row, or empty
 };
@@ -71,7 +99,7 @@ public:
 
 // Buffers of the prefill path, grown on demand.
 struct PrefillWorkspace {
-    DeviceBuffer cols, resid, xn, y, q, attn, act, wscratch, scores, probs, ptrs;
+    DeviceBuffer cols, resid, xn, y, q, attn, act, wscratch, dscratch, scores, probs, ptrs;
     PinnedBuffer cols_host, ptrs_host;
 };
 
@@ -91,6 +119,9 @@ private:
     void load_llama(const ModelFile &file);
     void load_tensors_only(const ModelFile &file);
     const LinearSlot &add_single(const TensorEntry &e);
+    // Loads tensors sharing one launch (parts' stored tiles within n_tiles); slots: each part's place.
+    LinearGroup load_group(const std::vector<FusePart> &parts, int64_t n_tiles, int64_t n_rows,
+                           std::vector<LinearSlot> *slots);
     DeviceBuffer stored_bias(const ModelFile &file, const std::vector<std::pair<std::string, FusePart>> &parts,
                              const std::vector<LinearSlot> &slots, int64_t n_tiles);
     void allocate_step_buffers();
@@ -102,7 +133,10 @@ private:
 
     void prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n, int32_t p0, float *logits, bool all,
                        bool last_chunk);
-    void gemm_linear(const LinearSlot &slot, const __half *x, int64_t ldx, int n, float *y, int64_t ldy);
+    void gemm_linear(const LinearGroup &g, const __half *x, int64_t ldx, int n, float *y, int64_t ldy);
+    // A decode-step launch of a group with its epilogue (tiles_per_block: 2 for SwiGLU pairs).
+    void step_linear(const LinearGroup &g, const __half *x, int64_t ldx, int n, const Epilogue &epi,
+                     int tiles_per_block);
     int prefill_chunk_size(int32_t n_past, int32_t n_remaining) const;
 
     GemvCall gemv_call(const LinearSlot &slot, const __half *x, int64_t ldx, int batch) const;
@@ -116,16 +150,20 @@ private:
     int64_t weight_bytes_ = 0;
 
     std::vector<std::unique_ptr<TiledWeight>> weights_;
+    std::vector<std::unique_ptr<DeviceLinear>> device_linears_;
     std::vector<Layer> layers_;
-    LinearSlot embed_, lm_head_;
+    LinearSlot embed_;
+    LinearGroup lm_head_;
     DeviceBuffer final_norm_, inv_freq_;
-    std::map<std::string, LinearSlot> by_name_;
+    std::map<std::string, NamedLinear> by_name_;
 
     int64_t hs_ = 0, qs_ = 0, is_ = 0;  // padded row strides of activations (hidden, q, mlp)
     int q_rows_ = 0, kv_rows_ = 0;
 
     // Step buffers.
     DeviceBuffer cols_dev_, resid_, xn_, q_, attn_, act_, logits_dev_, part_o_, part_ml_, att_counters_;
+    DeviceBuffer group_out_;     // f32 rows of an unfused group before its epilogue
+    int64_t group_out_ld_ = 0;
     PinnedBuffer cols_host_, logits_host_;
     // The pinned column array may be rewritten only once its last upload has run.
     cudaEvent_t cols_uploaded_ = nullptr;
@@ -201,12 +239,51 @@ const LinearSlot &CudaBackend::add_single(const TensorEntry &e) {
     std::vector<LinearSlot> slots;
     const int64_t tiles = ceil_div(e.shape.at(0), 16);
     weights_.push_back(load_fused({FusePart{&e, 0, 0, 1}}, tiles, stream_, &slots));
-    return by_name_[e.name] = slots.at(0);
+    NamedLinear &named = by_name_[e.name];
+    named.slot = slots.at(0);
+    return named.slot;
+}
+
+LinearGroup CudaBackend::load_group(const std::vector<FusePart> &parts, int64_t n_tiles, int64_t n_rows,
+                                    std::vector<LinearSlot> *slots) {
+    LinearGroup g;
+    g.n_tiles = n_tiles;
+    g.n_rows = n_rows;
+    g.k = parts.at(0).entry->shape.at(1);
+    std::vector<std::unique_ptr<DeviceLinear>> native;
+    bool any_native = false;
+    for (const FusePart &p : parts) {
+        native.push_back(make_native_device_linear(*p.entry, stream_));
+        any_native = any_native || native.back();
+    }
+    if (!any_native && !unfused_forced()) {
+        weights_.push_back(load_fused(parts, n_tiles, stream_, slots));
+        g.fused = LinearSlot{weights_.back().get(), 0, 1, n_tiles, n_rows, g.k, 0};
+        for (size_t i = 0; i < parts.size(); ++i) by_name_[parts[i].entry->name].slot = (*slots)[i];
+        return g;
+    }
+    slots->clear();
+    for (size_t i = 0; i < parts.size(); ++i) {
+        const FusePart &p = parts[i];
+        const TensorEntry &e = *p.entry;
+        std::unique_ptr<DeviceLinear> lin = native[i] ? std::move(native[i]) : make_device_linear(e, p.perm_d, stream_);
+        const RowMap map{p.tile_base, p.tile_stride, p.perm_d};
+        g.parts.push_back(LinearGroup::Part{lin.get(), map});
+        by_name_[e.name] = NamedLinear{LinearSlot{}, lin.get(), p.perm_d};
+        const int64_t rows = e.shape.at(0);
+        slots->push_back(LinearSlot{nullptr, p.tile_base, p.tile_stride, ceil_div(rows, 16), rows, e.shape.at(1), p.perm_d});
+        device_linears_.push_back(std::move(lin));
+    }
+    group_out_ld_ = std::max(group_out_ld_, n_tiles * 16);
+    return g;
 }
 
 void CudaBackend::load_tensors_only(const ModelFile &file) {
-    for (const TensorEntry &e : file.tensors())
-        if (e.kind != "blob" && e.shape.size() == 2) add_single(e);
+    for (const TensorEntry &e : file.tensors()) {
+        if (e.kind == "blob" || e.shape.size() != 2) continue;
+        std::vector<LinearSlot> slots;
+        load_group({FusePart{&e, 0, 0, 1}}, ceil_div(e.shape[0], 16), e.shape[0], &slots);
+    }
 }
 
 DeviceBuffer CudaBackend::stored_bias(const ModelFile &file,
@@ -272,11 +349,7 @@ void CudaBackend::load_llama(const ModelFile &file) {
             {p + "self_attn.q_proj.bias", FusePart{&q, D, 0, 1}},
             {p + "self_attn.k_proj.bias", FusePart{&k, D, qt, 1}},
             {p + "self_attn.v_proj.bias", FusePart{&v, 0, qt + kt, 1}}};
-        weights_.push_back(load_fused({qkv[0].second, qkv[1].second, qkv[2].second}, qt + 2 * kt, stream_, &slots));
-        by_name_[q.name] = slots[0];
-        by_name_[k.name] = slots[1];
-        by_name_[v.name] = slots[2];
-        L.qkv = LinearSlot{weights_.back().get(), 0, 1, qt + 2 * kt, q_rows_ + 2 * kv_rows_, H, 0};
+        L.qkv = load_group({qkv[0].second, qkv[1].second, qkv[2].second}, qt + 2 * kt, q_rows_ + 2 * kv_rows_, &slots);
         if (c.attention_bias) L.qkv_bias = stored_bias(file, qkv, slots, qt + 2 * kt);
 
         // gate/up: interleaved tiles (gate tile i at 2i, up tile i at 2i+1) for the SwiGLU epilogue.
@@ -284,22 +357,17 @@ void CudaBackend::load_llama(const ModelFile &file) {
         const int64_t it = ceil_div(I, 16);
         std::vector<std::pair<std::string, FusePart>> gu = {{p + "mlp.gate_proj.bias", FusePart{&g, 0, 0, 2}},
                                                             {p + "mlp.up_proj.bias", FusePart{&u, 0, 1, 2}}};
-        weights_.push_back(load_fused({gu[0].second, gu[1].second}, 2 * it, stream_, &slots));
-        by_name_[g.name] = slots[0];
-        by_name_[u.name] = slots[1];
-        L.gate_up = LinearSlot{weights_.back().get(), 0, 1, 2 * it, 2 * it * 16, H, 0};
+        L.gate_up = load_group({gu[0].second, gu[1].second}, 2 * it, I, &slots);
         if (c.mlp_bias) L.gate_up_bias = stored_bias(file, gu, slots, 2 * it);
 
-        L.o = add_single(o);
-        L.down = add_single(d);
-        if (c.attention_bias) {
-            slots = {L.o};
-            L.o_bias = stored_bias(file, {{p + "self_attn.o_proj.bias", FusePart{&o, 0, 0, 1}}}, slots, L.o.n_tiles);
-        }
-        if (c.mlp_bias) {
-            slots = {L.down};
-            L.down_bias = stored_bias(file, {{p + "mlp.down_proj.bias", FusePart{&d, 0, 0, 1}}}, slots, L.down.n_tiles);
-        }
+        const FusePart o_part{&o, 0, 0, 1}, d_part{&d, 0, 0, 1};
+        std::vector<LinearSlot> o_slots, d_slots;
+        L.o = load_group({o_part}, ceil_div(H, 16), H, &o_slots);
+        L.down = load_group({d_part}, ceil_div(H, 16), H, &d_slots);
+        if (c.attention_bias)
+            L.o_bias = stored_bias(file, {{p + "self_attn.o_proj.bias", o_part}}, o_slots, L.o.n_tiles);
+        if (c.mlp_bias)
+            L.down_bias = stored_bias(file, {{p + "mlp.down_proj.bias", d_part}}, d_slots, L.down.n_tiles);
 
         auto norm = [&](const std::string &name) {
             const std::vector<float> w = dense_vector_f32(file.get(name));
@@ -314,11 +382,15 @@ void CudaBackend::load_llama(const ModelFile &file) {
     expect(emb, c.vocab_size, H);
     embed_ = add_single(emb);
     if (c.tie_word_embeddings || !file.find("lm_head.weight")) {
-        lm_head_ = embed_;
+        lm_head_.fused = embed_;
+        lm_head_.n_tiles = embed_.n_tiles;
+        lm_head_.n_rows = embed_.n_rows;
+        lm_head_.k = embed_.k;
     } else {
         const TensorEntry &head = file.get("lm_head.weight");
         expect(head, c.vocab_size, H);
-        lm_head_ = add_single(head);
+        std::vector<LinearSlot> head_slots;
+        lm_head_ = load_group({FusePart{&head, 0, 0, 1}}, ceil_div(c.vocab_size, 16), c.vocab_size, &head_slots);
     }
     const std::vector<float> fn = dense_vector_f32(file.get("model.norm.weight"));
     if (static_cast<int64_t>(fn.size()) != H) throw FormatError("tensor 'model.norm.weight' has the wrong length");
@@ -340,6 +412,7 @@ void CudaBackend::allocate_step_buffers() {
     part_o_.allocate(sizeof(float) * C * cfg_.num_heads * kMaxSplits * cfg_.head_dim, "attention partials");
     part_ml_.allocate(sizeof(float2) * C * cfg_.num_heads * kMaxSplits, "attention partials");
     att_counters_.allocate(sizeof(int) * C * cfg_.num_kv_heads, "attention counters");
+    if (group_out_ld_ > 0) group_out_.allocate(sizeof(float) * C * group_out_ld_, "activations");
     for (DeviceBuffer *b : {&resid_, &xn_, &q_, &attn_, &act_, &att_counters_}) b->zero(stream_);
     cols_host_.reserve(sizeof(StepColumn) * C, "step columns");
     PUMICE_CUDA_CHECK(cudaEventCreateWithFlags(&cols_uploaded_, cudaEventDisableTiming));
@@ -380,6 +453,23 @@ int CudaBackend::attention_splits(int n_cols) const {
     return std::max(1, std::min(kMaxSplits, want));
 }
 
+void CudaBackend::step_linear(const LinearGroup &g, const __half *x, int64_t ldx, int n, const Epilogue &epi,
+                              int tiles_per_block) {
+    if (g.is_fused()) {
+        GemvCall call = gemv_call(g.fused, x, ldx, n);
+        call.epi = epi;
+        call.epi.n_rows = g.n_rows;
+        call.tiles_per_block = tiles_per_block;
+        launch_gemv(call, num_sms_, stream_);
+        return;
+    }
+    float *y = group_out_.as<float>();
+    for (const LinearGroup::Part &p : g.parts) p.linear->apply(x, ldx, n, y, group_out_ld_, p.map, stream_);
+    Epilogue e = epi;
+    e.n_rows = g.n_rows;
+    launch_epilogue(e, g.n_tiles, tiles_per_block, y, group_out_ld_, n, stream_);
+}
+
 void CudaBackend::enqueue_step(int n) {
     const LlamaConfig &c = cfg_;
     const StepColumn *cols = cols_dev_.as<StepColumn>();
@@ -390,19 +480,19 @@ void CudaBackend::enqueue_step(int n) {
         const Layer &L = layers_[l];
         launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
-        GemvCall qkv = gemv_call(L.qkv, xn, hs_, n);
-        qkv.epi.mode = EPI_QKV;
-        qkv.epi.out_h = q_.as<__half>();
-        qkv.epi.ldo = qs_;
-        qkv.epi.bias = L.qkv_bias.as<float>();
-        qkv.epi.q_rows = q_rows_;
-        qkv.epi.kv_rows = kv_rows_;
-        qkv.epi.head_dim = c.head_dim;
-        qkv.epi.n_kv_heads = c.num_kv_heads;
-        qkv.epi.layer = l;
-        qkv.epi.inv_freq = inv_freq_.as<float>();
-        qkv.epi.cols = cols;
-        launch_gemv(qkv, num_sms_, stream_);
+        Epilogue qkv;
+        qkv.mode = EPI_QKV;
+        qkv.out_h = q_.as<__half>();
+        qkv.ldo = qs_;
+        qkv.bias = L.qkv_bias.as<float>();
+        qkv.q_rows = q_rows_;
+        qkv.kv_rows = kv_rows_;
+        qkv.head_dim = c.head_dim;
+        qkv.n_kv_heads = c.num_kv_heads;
+        qkv.layer = l;
+        qkv.inv_freq = inv_freq_.as<float>();
+        qkv.cols = cols;
+        step_linear(L.qkv, xn, hs_, n, qkv, 1);
 
         AttentionCall at;
         at.q = q_.as<__half>();
@@ -421,37 +511,35 @@ void CudaBackend::enqueue_step(int n) {
         at.counters = att_counters_.as<int>();
         launch_attention_decode(at, stream_);
 
-        GemvCall o = gemv_call(L.o, attn_.as<__half>(), qs_, n);
-        o.epi.mode = EPI_ADD;
-        o.epi.out_f32 = resid;
-        o.epi.ldo = hs_;
-        o.epi.bias = L.o_bias.as<float>();
-        launch_gemv(o, num_sms_, stream_);
+        Epilogue o;
+        o.mode = EPI_ADD;
+        o.out_f32 = resid;
+        o.ldo = hs_;
+        o.bias = L.o_bias.as<float>();
+        step_linear(L.o, attn_.as<__half>(), qs_, n, o, 1);
 
         launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
-        GemvCall gu = gemv_call(L.gate_up, xn, hs_, n);
-        gu.tiles_per_block = 2;
-        gu.epi.mode = EPI_SWIGLU;
-        gu.epi.n_rows = c.intermediate_size;
-        gu.epi.out_h = act_.as<__half>();
-        gu.epi.ldo = is_;
-        gu.epi.bias = L.gate_up_bias.as<float>();
-        launch_gemv(gu, num_sms_, stream_);
+        Epilogue gu;
+        gu.mode = EPI_SWIGLU;
+        gu.out_h = act_.as<__half>();
+        gu.ldo = is_;
+        gu.bias = L.gate_up_bias.as<float>();
+        step_linear(L.gate_up, xn, hs_, n, gu, 2);
 
-        GemvCall dn = gemv_call(L.down, act_.as<__half>(), is_, n);
-        dn.epi.mode = EPI_ADD;
-        dn.epi.out_f32 = resid;
-        dn.epi.ldo = hs_;
-        dn.epi.bias = L.down_bias.as<float>();
-        launch_gemv(dn, num_sms_, stream_);
+        Epilogue dn;
+        dn.mode = EPI_ADD;
+        dn.out_f32 = resid;
+        dn.ldo = hs_;
+        dn.bias = L.down_bias.as<float>();
+        step_linear(L.down, act_.as<__half>(), is_, n, dn, 1);
     }
     launch_rmsnorm(resid, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
-    GemvCall head = gemv_call(lm_head_, xn, hs_, n);
-    head.epi.mode = EPI_F32;
-    head.epi.out_f32 = logits_dev_.as<float>();
-    head.epi.ldo = c.vocab_size;
-    launch_gemv(head, num_sms_, stream_);
+    Epilogue head;
+    head.mode = EPI_F32;
+    head.out_f32 = logits_dev_.as<float>();
+    head.ldo = c.vocab_size;
+    step_linear(lm_head_, xn, hs_, n, head, 1);
 }
 
 void CudaBackend::run_step(int n) {
@@ -549,12 +637,26 @@ int CudaBackend::prefill_chunk_size(int32_t n_past, int32_t n_remaining) const {
     return chunk;
 }
 
-void CudaBackend::gemm_linear(const LinearSlot &slot, const __half *x, int64_t ldx, int n, float *y, int64_t ldy) {
-    const TiledWeight &w = *slot.weight;
-    pw_.wscratch.reserve(sizeof(__half) * w.n_tiles * 16 * w.view.kp, "prefill weight scratch");
-    launch_dequantize_f16(w.view, w.n_tiles, pw_.wscratch.as<__half>(), stream_);
-    cublas_->gemm(n, static_cast<int>(w.n_tiles * 16), static_cast<int>(w.view.kp), 1.0f, x, ldx,
-                  pw_.wscratch.get(), w.view.kp, true, 0.0f, y, CUDA_R_32F, ldy);
+void CudaBackend::gemm_linear(const LinearGroup &g, const __half *x, int64_t ldx, int n, float *y, int64_t ldy) {
+    if (g.is_fused()) {
+        const TiledWeight &w = *g.fused.weight;
+        pw_.wscratch.reserve(sizeof(__half) * w.n_tiles * 16 * w.view.kp, "prefill weight scratch");
+        launch_dequantize_f16(w.view, w.n_tiles, pw_.wscratch.as<__half>(), w.view.kp, 0, 1, stream_);
+        cublas_->gemm(n, static_cast<int>(w.n_tiles * 16), static_cast<int>(w.view.kp), 1.0f, x, ldx,
+                      pw_.wscratch.get(), w.view.kp, true, 0.0f, y, CUDA_R_32F, ldy);
+        return;
+    }
+    // Each tensor dequantizes into its stored rows; rows no tensor covers stay zero.
+    const int64_t ldw = round_up(g.k, 128), rows = g.n_tiles * 16;
+    size_t scratch = 0;
+    for (const LinearGroup::Part &p : g.parts) scratch = std::max(scratch, p.linear->scratch_bytes());
+    pw_.wscratch.reserve(sizeof(__half) * rows * ldw, "prefill weight scratch");
+    if (scratch) pw_.dscratch.reserve(scratch, "prefill dequantization scratch");
+    PUMICE_CUDA_CHECK(cudaMemsetAsync(pw_.wscratch.get(), 0, sizeof(__half) * rows * ldw, stream_));
+    for (const LinearGroup::Part &p : g.parts)
+        p.linear->dequantize_f16(pw_.wscratch.as<__half>(), ldw, p.map, pw_.dscratch.get(), stream_);
+    cublas_->gemm(n, static_cast<int>(rows), static_cast<int>(ldw), 1.0f, x, ldx, pw_.wscratch.get(), ldw, true,
+                  0.0f, y, CUDA_R_32F, ldy);
 }
 
 void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n, int32_t p0, float *logits,
@@ -681,11 +783,11 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
         const int rows = std::min(kMaxStepCols, n - r0);
         launch_rmsnorm(resid + r0 * hs_, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn_.as<__half>(),
                        hs_, rows, stream_);
-        GemvCall head = gemv_call(lm_head_, xn_.as<__half>(), hs_, rows);
-        head.epi.mode = EPI_F32;
-        head.epi.out_f32 = logits_dev_.as<float>();
-        head.epi.ldo = V;
-        launch_gemv(head, num_sms_, stream_);
+        Epilogue head;
+        head.mode = EPI_F32;
+        head.out_f32 = logits_dev_.as<float>();
+        head.ldo = V;
+        step_linear(lm_head_, xn_.as<__half>(), hs_, rows, head, 1);
         copy_logits(rows, logits_dev_.as<float>(), all ? logits + (r0 - first) * V : logits);
     }
 }
@@ -694,17 +796,32 @@ void CudaBackend::linear_apply(const std::string &name, const float *x, int64_t 
     DeviceScope scope(device_);
     auto it = by_name_.find(name);
     if (it == by_name_.end()) throw InvalidArgument("the model has no linear tensor named '" + name + "'");
-    const LinearSlot &slot = it->second;
-    const int64_t K = slot.k, N = slot.n_rows, ks = round_up(K, 128);
+    const NamedLinear &named = it->second;
+    const LinearSlot &slot = named.slot;
+    const int64_t K = named.linear ? named.linear->in_features() : slot.k;
+    const int64_t N = named.linear ? named.linear->out_features() : slot.n_rows;
+    const int64_t ks = round_up(K, 128);
+    // A DeviceLinear writes its rows at stored positions (RoPE-permuted for q/k); read them back.
+    const RowMap map{0, 1, named.perm_d};
+    const int64_t ldo = named.linear ? round_up(N, 16) : N;
     const int64_t chunk = std::min<int64_t>(batch, kMaxStepCols);
     DeviceBuffer xd(sizeof(__half) * chunk * ks, "linear_apply input");
-    DeviceBuffer yd(sizeof(float) * chunk * N, "linear_apply output");
+    DeviceBuffer yd(sizeof(float) * chunk * ldo, "linear_apply output");
     std::vector<__half> xh(static_cast<size_t>(chunk * ks), __float2half(0.f));
+    std::vector<float> yh(static_cast<size_t>(chunk * ldo));
     for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
         const int64_t rows = std::min(chunk, batch - b0);
         for (int64_t b = 0; b < rows; ++b)
             for (int64_t k = 0; k < K; ++k) xh[b * ks + k] = __float2half(x[(b0 + b) * K + k]);
         PUMICE_CUDA_CHECK(cudaMemcpyAsync(xd.get(), xh.data(), sizeof(__half) * rows * ks, cudaMemcpyHostToDevice, stream_));
+        if (named.linear) {
+            named.linear->apply(xd.as<__half>(), ks, static_cast<int>(rows), yd.as<float>(), ldo, map, stream_);
+            PUMICE_CUDA_CHECK(cudaMemcpyAsync(yh.data(), yd.get(), sizeof(float) * rows * ldo, cudaMemcpyDeviceToHost, stream_));
+            PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+            for (int64_t b = 0; b < rows; ++b)
+                for (int64_t r = 0; r < N; ++r) y[(b0 + b) * N + r] = yh[b * ldo + map(r)];
+            continue;
+        }
         GemvCall call = gemv_call(slot, xd.as<__half>(), ks, static_cast<int>(rows));
         call.epi.mode = EPI_F32;
         call.epi.out_f32 = yd.as<float>();

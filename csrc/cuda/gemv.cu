@@ -96,6 +96,8 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
                     if (e.bias) v += e.bias[lrow];
                     if (e.mode == EPI_F32) {
                         e.out_f32[col * e.ldo + source_row(lrow, e.perm_d)] = v;
+                    } else if (e.mode == EPI_F32_TILES) {
+                        e.out_f32[col * e.ldo + (e.out_tile_base + (group * R + t) * e.out_tile_stride) * 16 + row] = v;
                     } else if (e.mode == EPI_F16) {
                         e.out_h[col * e.ldo + lrow] = __float2half(v);
                     } else {
@@ -249,7 +251,8 @@ __global__ void epilogue_kernel(const Epilogue epi, const float *in, int64_t ld_
 }
 
 template <int BITS>
-__global__ void dequantize_f16_kernel(const WeightView w, int64_t n_tiles, __half *out) {
+__global__ void dequantize_f16_kernel(const WeightView w, __half *out, int64_t ldo, int64_t tile_base,
+                                      int64_t tile_stride) {
     constexpr int KT = unit_ktiles(BITS);
     constexpr int KU = unit_k(BITS);
     const int lane = threadIdx.x % 32;
@@ -268,9 +271,9 @@ __global__ void dequantize_f16_kernel(const WeightView w, int64_t n_tiles, __hal
         decode_ktile<BITS>(q, q1, kt, sm, a);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const int64_t row = tile * 16 + frag_row(lane, r);
+            const int64_t row = (tile_base + tile * tile_stride) * 16 + frag_row(lane, r);
             const int64_t k = u * KU + unit_offset(BITS, lane, kt, r, 0);
-            *reinterpret_cast<uint32_t *>(out + row * w.kp + k) = a[r];
+            *reinterpret_cast<uint32_t *>(out + row * ldo + k) = a[r];
         }
     }
 }
@@ -326,14 +329,16 @@ void launch_epilogue(const Epilogue &epi, int64_t n_tiles, int tiles_per_block, 
     PUMICE_CUDA_CHECK_LAUNCH("epilogue");
 }
 
-void launch_dequantize_f16(const WeightView &w, int64_t n_tiles, __half *out, cudaStream_t stream) {
+void launch_dequantize_f16(const WeightView &w, int64_t n_tiles, __half *out, int64_t ldo, int64_t tile_base,
+                           int64_t tile_stride, cudaStream_t stream) {
+    if (ldo < w.kp) throw Error(PUMICE_ERR_INTERNAL, "dequantize_f16: output rows too short");
     dim3 grid(static_cast<unsigned>(ceil_div(w.units, 8)), static_cast<unsigned>(n_tiles));
     switch (w.bits) {
-        case 2: dequantize_f16_kernel<2><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
-        case 3: dequantize_f16_kernel<3><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
-        case 4: dequantize_f16_kernel<4><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
-        case 8: dequantize_f16_kernel<8><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
-        default: dequantize_f16_kernel<16><<<grid, 256, 0, stream>>>(w, n_tiles, out); break;
+        case 2: dequantize_f16_kernel<2><<<grid, 256, 0, stream>>>(w, out, ldo, tile_base, tile_stride); break;
+        case 3: dequantize_f16_kernel<3><<<grid, 256, 0, stream>>>(w, out, ldo, tile_base, tile_stride); break;
+        case 4: dequantize_f16_kernel<4><<<grid, 256, 0, stream>>>(w, out, ldo, tile_base, tile_stride); break;
+        case 8: dequantize_f16_kernel<8><<<grid, 256, 0, stream>>>(w, out, ldo, tile_base, tile_stride); break;
+        default: dequantize_f16_kernel<16><<<grid, 256, 0, stream>>>(w, out, ldo, tile_base, tile_stride); break;
     }
     PUMICE_CUDA_CHECK_LAUNCH("dequantize_f16");
 }

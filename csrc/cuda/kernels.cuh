@@ -25,6 +25,8 @@ enum EpilogueMode : int {
     EPI_ADD = 2,     // out_f32[col][row] += v          (residual stream)
     EPI_SWIGLU = 3,  // out_h[col][row] = silu(gate) * up   (tile pairs: gate, up)
     EPI_QKV = 4,     // RoPE on q and k, q -> out_h, k and v -> each column's KV cache
+    EPI_F32_TILES = 5,  // out_f32[col][(out_tile_base + l * out_tile_stride) * 16 + i] = v for
+                        // row i of logical tile l (a tensor run on its own inside its group)
 };
 
 struct Epilogue {
@@ -35,6 +37,7 @@ struct Epilogue {
     int64_t ldo = 0;             // row stride of the output (per column)
     const float *bias = nullptr; // by logical row, or nullptr
     int perm_d = 0;              // EPI_F32: rows stored RoPE-permuted in heads of perm_d
+    int64_t out_tile_base = 0, out_tile_stride = 1;  // EPI_F32_TILES
     // EPI_QKV
     int q_rows = 0, kv_rows = 0, head_dim = 0, n_kv_heads = 0, layer = 0;
     const float *inv_freq = nullptr;
@@ -59,8 +62,10 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream);
 void launch_epilogue(const Epilogue &epi, int64_t n_tiles, int tiles_per_block, const float *in,
                      int64_t ld_in, int n_cols, cudaStream_t stream);
 
-// Dequantize all stored rows to f16 [rows][kp] (prefill GEMM operand).
-void launch_dequantize_f16(const WeightView &w, int64_t n_tiles, __half *out, cudaStream_t stream);
+// Dequantize all stored rows to f16 (prefill GEMM operand): row i of tile l goes to row
+// (tile_base + l * tile_stride) * 16 + i of out, whose rows are ldo >= kp halves apart.
+void launch_dequantize_f16(const WeightView &w, int64_t n_tiles, __half *out, int64_t ldo, int64_t tile_base,
+                           int64_t tile_stride, cudaStream_t stream);
 // Dequantize stored rows [row0, row0 + n_rows) to f32 [n_rows][k] (tests, fallbacks).
 void launch_dequantize_rows_f32(const WeightView &w, int64_t row0, int64_t n_rows, int64_t k,
                                 float *out, cudaStream_t stream);

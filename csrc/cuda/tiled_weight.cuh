@@ -61,6 +61,15 @@ __host__ __device__ inline int64_t source_row(int64_t row, int perm_d) {
     return head * perm_d + d;
 }
 
+// Inverse of source_row: where source row `src` is stored (perm_d == 0: unchanged).
+__host__ __device__ inline int64_t stored_row(int64_t src, int perm_d) {
+    if (perm_d == 0) return src;
+    const int64_t head = src / perm_d;
+    const int d = static_cast<int>(src % perm_d), half = perm_d / 2;
+    const int dd = d < half ? d : d - half;
+    return head * perm_d + 16 * (dd / 8) + (d < half ? 0 : 8) + dd % 8;
+}
+
 // Everything a kernel needs to read one stored weight (plain pointers, passed by value).
 struct WeightView {
     const uint4 *codes = nullptr;
