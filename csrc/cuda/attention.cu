@@ -33,6 +33,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
     __shared__ float alpha_s[G], m_s[G], l_s[G];
     __shared__ float red[NPG][G][D];
 
+    pdl_launch_dependents();
+    pdl_wait();
     const int split = blockIdx.x, kvh = blockIdx.y, col = blockIdx.z;
     const StepColumn c = a.cols[col];
     const int len = c.pos + 1;
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 template <int D, int G>
 void launch_split(const AttentionCall &a, cudaStream_t stream) {
     dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.n_kv_heads), static_cast<unsigned>(a.n_cols));
-    attention_split_kernel<D, G><<<grid, kThreads, 0, stream>>>(a);
+    launch_kernel(attention_split_kernel<D, G>, grid, kThreads, 0, stream, a);
 }
 
 template <int D>

@@ -46,6 +46,21 @@ bool unfused_forced() {
     const char *v = std::getenv("PUMICE_CUDA_UNFUSED");
     return v && *v && std::string(v) != "0";
 }
+// RMSNorm folded into the residual-producing epilogues and the consuming GEMVs (kernels.cuh).
+bool fused_norm_enabled() {
+    const char *v = std::getenv("PUMICE_CUDA_FUSED_NORM");
+    return !(v && std::string(v) == "0");
+}
+// Benchmarks: PUMICE_CUDA_STEP=gemv leaves only the linear layers in a decode step (wrong
+// results, but the time of "the GEMVs alone" in their real launch sequence).
+bool gemv_only_step() {
+    const char *v = std::getenv("PUMICE_CUDA_STEP");
+    return v && std::string(v) == "gemv";
+}
+// The settings a captured step depends on (a graph is kept per column count and settings).
+int step_variant(int n_cols) {
+    return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) | (gemv_only_step() ? 1 << 10 : 0);
+}
 bool graphs_enabled() {
     const char *v = std::getenv("PUMICE_CUDA_GRAPHS");
     return !(v && std::string(v) == "0");
@@ -163,6 +178,7 @@ private:
     // Step buffers.
     DeviceBuffer cols_dev_, resid_, xn_, q_, attn_, act_, logits_dev_, part_o_, part_ml_, att_counters_;
     DeviceBuffer group_out_;     // f32 rows of an unfused group before its epilogue
+    DeviceBuffer norm_partials_; // [col][tile] sums of squares of the residual (fused RMSNorm)
     int64_t group_out_ld_ = 0;
     PinnedBuffer cols_host_, logits_host_;
     // The pinned column array may be rewritten only once its last upload has run.
@@ -413,6 +429,7 @@ void CudaBackend::allocate_step_buffers() {
     part_ml_.allocate(sizeof(float2) * C * cfg_.num_heads * kMaxSplits, "attention partials");
     att_counters_.allocate(sizeof(int) * C * cfg_.num_kv_heads, "attention counters");
     if (group_out_ld_ > 0) group_out_.allocate(sizeof(float) * C * group_out_ld_, "activations");
+    norm_partials_.allocate(sizeof(float) * C * ceil_div(hs_, 16), "activations");
     for (DeviceBuffer *b : {&resid_, &xn_, &q_, &attn_, &act_, &att_counters_}) b->zero(stream_);
     cols_host_.reserve(sizeof(StepColumn) * C, "step columns");
     PUMICE_CUDA_CHECK(cudaEventCreateWithFlags(&cols_uploaded_, cudaEventDisableTiming));
@@ -475,10 +492,32 @@ void CudaBackend::enqueue_step(int n) {
     const StepColumn *cols = cols_dev_.as<StepColumn>();
     float *resid = resid_.as<float>();
     __half *xn = xn_.as<__half>();
-    launch_embed(embed_.weight->view, cols, n, c.hidden_size, resid, hs_, stream_);
+    // Fused RMSNorm: the O and down epilogues write half(resid * next norm weight) and partial
+    // sums of squares; the QKV, gate/up and head GEMVs scale their dot products. Layer 0's input
+    // norm follows the embedding as its own kernel.
+    const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0;
+    const bool gemv_only = gemv_only_step();
+    auto produce_norm = [&](Epilogue &e, const DeviceBuffer &weight) {
+        if (!fuse_norm) return;
+        e.norm_weight = weight.as<float>();
+        e.norm_out = xn;
+        e.norm_ldo = hs_;
+        e.norm_partials_out = norm_partials_.as<float>();
+        e.norm_ld = ceil_div(hs_, 16);
+    };
+    auto consume_norm = [&](Epilogue &e, const LinearGroup &producer) {
+        if (!fuse_norm) return;
+        e.norm_partials = norm_partials_.as<float>();
+        e.n_norm_partials = static_cast<int>(producer.n_tiles);
+        e.norm_ld = ceil_div(hs_, 16);
+        e.norm_hidden = c.hidden_size;
+        e.norm_eps = c.rms_norm_eps;
+    };
+    if (!gemv_only) launch_embed(embed_.weight->view, cols, n, c.hidden_size, resid, hs_, stream_);
     for (int l = 0; l < c.num_layers; ++l) {
         const Layer &L = layers_[l];
-        launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+        if ((l == 0 || !fuse_norm) && !gemv_only)
+            launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
         Epilogue qkv;
         qkv.mode = EPI_QKV;
@@ -492,6 +531,7 @@ void CudaBackend::enqueue_step(int n) {
         qkv.layer = l;
         qkv.inv_freq = inv_freq_.as<float>();
         qkv.cols = cols;
+        if (l > 0) consume_norm(qkv, layers_[l - 1].down);
         step_linear(L.qkv, xn, hs_, n, qkv, 1);
 
         AttentionCall at;
@@ -509,22 +549,25 @@ void CudaBackend::enqueue_step(int n) {
         at.out = attn_.as<__half>();
         at.ldo = qs_;
         at.counters = att_counters_.as<int>();
-        launch_attention_decode(at, stream_);
+        if (!gemv_only) launch_attention_decode(at, stream_);
 
         Epilogue o;
         o.mode = EPI_ADD;
         o.out_f32 = resid;
         o.ldo = hs_;
         o.bias = L.o_bias.as<float>();
+        produce_norm(o, L.mlp_norm);
         step_linear(L.o, attn_.as<__half>(), qs_, n, o, 1);
 
-        launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+        if (!fuse_norm && !gemv_only)
+            launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
         Epilogue gu;
         gu.mode = EPI_SWIGLU;
         gu.out_h = act_.as<__half>();
         gu.ldo = is_;
         gu.bias = L.gate_up_bias.as<float>();
+        consume_norm(gu, L.o);
         step_linear(L.gate_up, xn, hs_, n, gu, 2);
 
         Epilogue dn;
@@ -532,13 +575,16 @@ void CudaBackend::enqueue_step(int n) {
         dn.out_f32 = resid;
         dn.ldo = hs_;
         dn.bias = L.down_bias.as<float>();
+        produce_norm(dn, l + 1 < c.num_layers ? layers_[l + 1].attn_norm : final_norm_);
         step_linear(L.down, act_.as<__half>(), is_, n, dn, 1);
     }
-    launch_rmsnorm(resid, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
+    if (!fuse_norm && !gemv_only)
+        launch_rmsnorm(resid, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
     Epilogue head;
     head.mode = EPI_F32;
     head.out_f32 = logits_dev_.as<float>();
     head.ldo = c.vocab_size;
+    consume_norm(head, layers_.back().down);
     step_linear(lm_head_, xn, hs_, n, head, 1);
 }
 
@@ -550,7 +596,8 @@ void CudaBackend::run_step(int n) {
         enqueue_step(n);
         return;
     }
-    auto it = graphs_.find(n);
+    const int variant = step_variant(n);
+    auto it = graphs_.find(variant);
     if (it == graphs_.end()) {
         cudaGraph_t graph = nullptr;
         PUMICE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
@@ -567,7 +614,7 @@ void CudaBackend::run_step(int n) {
         const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
         cudaGraphDestroy(graph);
         PUMICE_CUDA_CHECK(err);
-        it = graphs_.emplace(n, exec).first;
+        it = graphs_.emplace(variant, exec).first;
     }
     PUMICE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
 }

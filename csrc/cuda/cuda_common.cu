@@ -1,6 +1,8 @@
 // cuda_common.cu — see cuda_common.cuh.
 #include "cuda_common.cuh"
 
+#include <cstdlib>
+
 namespace pumice {
 namespace cuda {
 
@@ -11,6 +13,28 @@ void throw_cuda_error(cudaError_t err, const char *what, const char *file, int l
                       ") in " + what + " at " + file + ":" + std::to_string(line);
     if (err == cudaErrorMemoryAllocation) throw Error(PUMICE_ERR_OUT_OF_MEMORY, msg);
     throw DeviceError(msg);
+}
+
+bool pdl_enabled() {
+    // The attribute needs compute capability 9.0; PUMICE_PDL=0 turns it off (comparisons).
+    static thread_local int cached_device = -1;
+    static thread_local bool capable = false;
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    if (device != cached_device) {
+        int major = 0;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+            (void)cudaGetLastError();
+            major = 0;
+        }
+        capable = major >= 9;
+        cached_device = device;
+    }
+    const char *env = std::getenv("PUMICE_PDL");
+    return capable && !(env && std::string(env) == "0");
 }
 
 void DeviceBuffer::allocate(size_t bytes, const char *what) {

@@ -80,6 +80,24 @@ __device__ __forceinline__ uint2 load_stream(const uint2 *p) {
     return v;
 }
 
+// Asynchronous global -> shared copies (sm_80+), completed per thread by cp_async_wait.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async8(void *smem, const void *gmem) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void prefetch_l1(const void *p) {
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // One weight, for the slow paths (embedding rows): stored row `row`, input k.
 __device__ inline float weight_at(const WeightView &w, int64_t row, int64_t k) {
     const int64_t tile = row / 16;

@@ -36,6 +36,8 @@ __device__ float block_reduce(float v, float *scratch) {
 }
 
 __global__ void embed_kernel(const WeightView w, const StepColumn *cols, int64_t hidden, float *resid, int64_t ld) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int col = blockIdx.y;
     const int64_t row = cols[col].token;
     for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < hidden;
@@ -49,6 +51,8 @@ template <int PER_THREAD>
 __global__ void __launch_bounds__(1024) rmsnorm_kernel(const float *x, int64_t ldx, const float *weight,
                                                        int64_t hidden, float eps, __half *out, int64_t ldo) {
     __shared__ float scratch[32];
+    pdl_launch_dependents();
+    pdl_wait();
     const int col = blockIdx.x;
     const float *xr = x + col * ldx;
     float v[PER_THREAD];
@@ -71,6 +75,8 @@ __global__ void __launch_bounds__(1024) rmsnorm_kernel(const float *x, int64_t l
 __global__ void rmsnorm_large_kernel(const float *x, int64_t ldx, const float *weight, int64_t hidden, float eps,
                                      __half *out, int64_t ldo) {
     __shared__ float scratch[32];
+    pdl_launch_dependents();
+    pdl_wait();
     const int col = blockIdx.x;
     const float *xr = x + col * ldx;
     float ss = 0.f;
@@ -105,16 +111,17 @@ void launch_embed(const WeightView &w, const StepColumn *cols, int n_cols, int64
                   int64_t ld, cudaStream_t stream) {
     if (n_cols <= 0) return;
     dim3 grid(static_cast<unsigned>(ceil_div(hidden, 256) < 16 ? ceil_div(hidden, 256) : 16), static_cast<unsigned>(n_cols));
-    embed_kernel<<<grid, 256, 0, stream>>>(w, cols, hidden, resid, ld);
+    launch_kernel(embed_kernel, grid, 256, 0, stream, w, cols, hidden, resid, ld);
     PUMICE_CUDA_CHECK_LAUNCH("embed");
 }
 
 void launch_rmsnorm(const float *x, int64_t ldx, const float *weight, int64_t hidden, float eps, __half *out,
                     int64_t ldo, int n_cols, cudaStream_t stream) {
     if (n_cols <= 0) return;
-    if (hidden <= 1024 * 4) rmsnorm_kernel<4><<<n_cols, 1024, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
-    else if (hidden <= 1024 * 8) rmsnorm_kernel<8><<<n_cols, 1024, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
-    else rmsnorm_large_kernel<<<n_cols, 1024, 0, stream>>>(x, ldx, weight, hidden, eps, out, ldo);
+    const dim3 grid(static_cast<unsigned>(n_cols));
+    if (hidden <= 1024 * 4) launch_kernel(rmsnorm_kernel<4>, grid, 1024, 0, stream, x, ldx, weight, hidden, eps, out, ldo);
+    else if (hidden <= 1024 * 8) launch_kernel(rmsnorm_kernel<8>, grid, 1024, 0, stream, x, ldx, weight, hidden, eps, out, ldo);
+    else launch_kernel(rmsnorm_large_kernel, grid, 1024, 0, stream, x, ldx, weight, hidden, eps, out, ldo);
     PUMICE_CUDA_CHECK_LAUNCH("rmsnorm");
 }
 

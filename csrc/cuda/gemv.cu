@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "cuda_common.cuh"
 #include "decode.cuh"
@@ -23,6 +25,33 @@ namespace {
 template <int R> __host__ __device__ constexpr int warps_for() { return R == 1 ? 8 : 4; }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Consumer side of the fused RMSNorm: scale[c] = rsqrt(mean of squares) of columns c0 + c,
+// one warp per column, in a fixed order (the result does not depend on timing).
+__device__ void norm_scales(const Epilogue &e, int c0, int n_cols, float *scale) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+    for (int c = warp; c < n_cols; c += n_warps) {
+        float s = 0.f;
+        if (e.norm_partials) {
+            const float *p = e.norm_partials + (c0 + c) * e.norm_ld;
+            for (int j = lane; j < e.n_norm_partials; j += 32) s += p[j];
+        }
+        s = warp_sum(s);
+        if (lane == 0) scale[c] = e.norm_partials ? rsqrtf(s / static_cast<float>(e.norm_hidden) + e.norm_eps) : 1.f;
+    }
+}
+
+// PUMICE_GEMV=ring streams weights through shared memory (cp.async) instead of registers.
+bool gemv_ring_enabled() {
+    const char *v = std::getenv("PUMICE_GEMV");
+    return v && std::string(v) == "ring";
+}
 
 // Applies the epilogue for pair index i (rows i and i+8 of each tile) of one column.
 // value(t, row) is the finished dot product of tile t (of the block's group) and that row.
@@ -85,6 +114,7 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
             return;
         }
         default: {
+            float ss = 0.f;  // fused RMSNorm: squares of this thread's new residual rows
 #pragma unroll
             for (int t = 0; t < R; ++t) {
 #pragma unroll
@@ -101,21 +131,52 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
                     } else if (e.mode == EPI_F16) {
                         e.out_h[col * e.ldo + lrow] = __float2half(v);
                     } else {
-                        e.out_f32[col * e.ldo + lrow] += v;
+                        float &r = e.out_f32[col * e.ldo + lrow];
+                        const float updated = r + v;
+                        r = updated;
+                        if (e.norm_out) {
+                            e.norm_out[col * e.norm_ldo + lrow] = __float2half(updated * e.norm_weight[lrow]);
+                            ss += updated * updated;
+                        }
                     }
                 }
+            }
+            if (e.norm_partials_out) {
+                // The 8 threads of a column are consecutive lanes; one of them writes the block's sum.
+                const unsigned mask = 0xFFu << (threadIdx.x % 32 / 8 * 8);
+                ss += __shfl_xor_sync(mask, ss, 4);
+                ss += __shfl_xor_sync(mask, ss, 2);
+                ss += __shfl_xor_sync(mask, ss, 1);
+                if (i == 0) e.norm_partials_out[col * e.norm_ld + group] = ss;
             }
             return;
         }
     }
 }
 
-template <int BITS, int R, int NT>
+// Bytes one lane copies for one tile of one unit: codes, scale pair (quantized kinds), third
+// bit plane (bits 3).
+template <int BITS> __host__ __device__ constexpr int lane_unit_bytes() {
+    return 16 + (BITS != 16 ? 8 : 0) + (BITS == 3 ? 8 : 0);
+}
+// Ring depth: about 36 KB of stages per block (static shared memory stays under 48 KB with the
+// reduction buffer), at most 8 units ahead.
+template <int BITS, int R> __host__ __device__ constexpr int ring_stages() {
+    constexpr int bytes = warps_for<R>() * R * 32 * lane_unit_bytes<BITS>();
+    constexpr int s = 36 * 1024 / bytes;
+    return s > 8 ? 8 : s < 2 ? 2 : s;
+}
+
+// kRing: weights through a cp.async shared-memory ring (see below); otherwise every load of a
+// pass of U units goes to registers before the first is used.
+template <int BITS, int R, int NT, bool kRing>
 __global__ void __launch_bounds__(warps_for<R>() * 32) gemv_kernel(const GemvCall call) {
     constexpr int kWarps = warps_for<R>();
     constexpr int KT = unit_ktiles(BITS);
     constexpr int KU = unit_k(BITS);
     __shared__ float red[kWarps][R][16][NT * 8];
+    __shared__ float scale[NT * 8];
+    pdl_launch_dependents();
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t group = blockIdx.x;
@@ -148,67 +209,185 @@ __global__ void __launch_bounds__(warps_for<R>() * 32) gemv_kernel(const GemvCal
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[c][t][nt][e] = 0.f;
 
-    const int64_t units = w.units;
-    // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
-    // before the first is used, so small matrices (a few units per warp) are not latency-bound.
-    constexpr int U = NT == 1 ? 4 : 2;
-    for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
-        uint4 q[U][R];
-        uint2 q1[U][R];
-        uint2 sm[U][R];
-        uint2 xs[U][NT][KT];
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-            const int64_t u = u0 + j * kWarps;
-            if (u >= units) break;
-#pragma unroll
+    if constexpr (kRing) {
+        // Each warp streams its units (u = warp, warp + kWarps, ...) through a ring of kStages
+        // shared-memory stages filled by cp.async: while it decodes one unit, the next kStages - 1
+        // are in flight, at no register cost. Every lane copies exactly the bytes it later reads
+        // (its codes, its scale pair), so no barrier is needed between copy and use. The first
+        // stages are requested before pdl_wait: weights never depend on the previous kernel.
+        constexpr int kStages = ring_stages<BITS, R>();
+        constexpr bool kScaled = BITS != 16, kPlane1 = BITS == 3;
+        __shared__ __align__(16) uint4 ring_q[kWarps][kStages][R][32];
+        __shared__ __align__(8) uint2 ring_sm[kScaled ? kWarps : 1][kScaled ? kStages : 1][R][32];
+        __shared__ __align__(8) uint2 ring_p1[kPlane1 ? kWarps : 1][kPlane1 ? kStages : 1][R][32];
+        const int64_t units = w.units;
+        const int64_t mine = warp < units ? (units - warp + kWarps - 1) / kWarps : 0;
+        bool prefetch_x = false;
+        auto request = [&](int64_t i) {
+            const int64_t u = warp + i * kWarps;
+            const int st = static_cast<int>(i % kStages);
+    #pragma unroll
             for (int t = 0; t < R; ++t) {
-                const int64_t slot = (stored[t] * units + u) * 32 + lane;
-                q[j][t] = load_stream(w.codes + slot);
-                if constexpr (BITS == 3) q1[j][t] = load_stream(w.plane1 + slot);
-                else q1[j][t] = make_uint2(0, 0);
+                const int64_t at = (stored[t] * units + u) * 32 + lane;
+                cp_async16(&ring_q[warp][st][t][lane], w.codes + at);
+                if constexpr (kPlane1) cp_async8(&ring_p1[warp][st][t][lane], w.plane1 + at);
+                if constexpr (kScaled) {
+                    // One quantization group per lane and unit.
+                    const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
+                    cp_async8(&ring_sm[warp][st][t][lane], w.scale_min + (stored[t] * w.groups + grp) * 8 + bn);
+                }
             }
-            // One quantization group per lane and unit.
-            if constexpr (BITS != 16) {
-                const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
-#pragma unroll
-                for (int t = 0; t < R; ++t) sm[j][t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
+            // The unit's activations into L1, so that load_x finds them there (they are read from
+            // L2 otherwise, a round trip per unit on the critical path). Only after pdl_wait:
+            // the previous kernel writes them.
+            if (prefetch_x) {
+    #pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    if (xvalid[nt]) prefetch_l1(xrow[nt] + u * KU);
             }
-            // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
-#pragma unroll
+        };
+        // The lane's activations for a unit: KU/4 consecutive inputs, 8 bytes per k-tile.
+        auto load_x = [&](int64_t i, uint2 (&xs)[NT][KT]) {
+            const int64_t u = warp + i * kWarps;
+    #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const __half *xp = xrow[nt] + u * KU;
                 if constexpr (KT % 2 == 0) {
-#pragma unroll
+    #pragma unroll
                     for (int i2 = 0; i2 < KT / 2; ++i2) {
                         const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * i2) : make_uint4(0, 0, 0, 0);
-                        xs[j][nt][2 * i2] = make_uint2(v.x, v.y);
-                        xs[j][nt][2 * i2 + 1] = make_uint2(v.z, v.w);
+                        xs[nt][2 * i2] = make_uint2(v.x, v.y);
+                        xs[nt][2 * i2 + 1] = make_uint2(v.z, v.w);
                     }
                 } else {
-                    xs[j][nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
+                    xs[nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
                 }
             }
+        };
+
+    #pragma unroll
+        for (int i = 0; i < kStages - 1; ++i) {
+            if (i < mine) request(i);
+            cp_async_commit();
         }
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-            if (u0 + j * kWarps >= units) break;
-#pragma unroll
-            for (int kt = 0; kt < KT; ++kt) {
-#pragma unroll
-                for (int t = 0; t < R; ++t) {
+        pdl_wait();  // from here on: activations and outputs
+        prefetch_x = true;
+    #pragma unroll
+        for (int i = 0; i < kStages - 1; ++i)
+            if (i < mine) {
+    #pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    if (xvalid[nt]) prefetch_l1(xrow[nt] + (warp + i * kWarps) * KU);
+            }
+        uint2 x_next[NT][KT];
+        if (mine > 0) load_x(0, x_next);
+        for (int64_t i = 0; i < mine; ++i) {
+            if (i + kStages - 1 < mine) request(i + kStages - 1);
+            cp_async_commit();
+            uint2 xs[NT][KT];
+    #pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+    #pragma unroll
+                for (int kt = 0; kt < KT; ++kt) xs[nt][kt] = x_next[nt][kt];
+            if (i + 1 < mine) load_x(i + 1, x_next);
+            cp_async_wait<kStages - 1>();  // this lane's copies of unit i have landed
+            const int st = static_cast<int>(i % kStages);
+    #pragma unroll
+            for (int t = 0; t < R; ++t) {
+                const uint4 q = ring_q[warp][st][t][lane];
+                uint2 q1 = make_uint2(0, 0), sm = make_uint2(0, 0);
+                if constexpr (kPlane1) q1 = ring_p1[warp][st][t][lane];
+                if constexpr (kScaled) sm = ring_sm[warp][st][t][lane];
+    #pragma unroll
+                for (int kt = 0; kt < KT; ++kt) {
                     uint32_t a[4];
-                    decode_ktile<BITS>(q[j][t], q1[j][t], kt, BITS != 16 ? sm[j][t] : make_uint2(0, 0), a);
-#pragma unroll
+                    decode_ktile<BITS>(q, q1, kt, sm, a);
+    #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        const uint32_t b[2] = {xs[j][nt][kt].x, xs[j][nt][kt].y};
-                        mma_16816(acc[(j * KT + kt) % NACC][t][nt], a, b);
+                        const uint32_t bfrag[2] = {xs[nt][kt].x, xs[nt][kt].y};
+                        mma_16816(acc[kt % NACC][t][nt], a, bfrag);
                     }
                 }
             }
         }
+        cp_async_wait<0>();
+    } else {
+        const int64_t units = w.units;
+        // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
+        // before the first is used, so small matrices (a few units per warp) are not latency-bound.
+        constexpr int U = NT == 1 ? 4 : 2;
+        bool waited = false;
+        for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
+            uint4 q[U][R];
+            uint2 q1[U][R];
+            uint2 sm[U][R];
+            uint2 xs[U][NT][KT];
+    #pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const int64_t u = u0 + j * kWarps;
+                if (u >= units) break;
+    #pragma unroll
+                for (int t = 0; t < R; ++t) {
+                    const int64_t slot = (stored[t] * units + u) * 32 + lane;
+                    q[j][t] = load_stream(w.codes + slot);
+                    if constexpr (BITS == 3) q1[j][t] = load_stream(w.plane1 + slot);
+                    else q1[j][t] = make_uint2(0, 0);
+                }
+                // One quantization group per lane and unit.
+                if constexpr (BITS != 16) {
+                    const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
+    #pragma unroll
+                    for (int t = 0; t < R; ++t) sm[j][t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
+                }
+            }
+            // The first pass's weights are on their way; activations come from the previous kernel.
+            if (!waited) {
+                pdl_wait();
+                waited = true;
+            }
+    #pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const int64_t u = u0 + j * kWarps;
+                if (u >= units) break;
+                // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
+    #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const __half *xp = xrow[nt] + u * KU;
+                    if constexpr (KT % 2 == 0) {
+    #pragma unroll
+                        for (int i2 = 0; i2 < KT / 2; ++i2) {
+                            const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * i2) : make_uint4(0, 0, 0, 0);
+                            xs[j][nt][2 * i2] = make_uint2(v.x, v.y);
+                            xs[j][nt][2 * i2 + 1] = make_uint2(v.z, v.w);
+                        }
+                    } else {
+                        xs[j][nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
+                    }
+                }
+            }
+    #pragma unroll
+            for (int j = 0; j < U; ++j) {
+                if (u0 + j * kWarps >= units) break;
+    #pragma unroll
+                for (int kt = 0; kt < KT; ++kt) {
+    #pragma unroll
+                    for (int t = 0; t < R; ++t) {
+                        uint32_t a[4];
+                        decode_ktile<BITS>(q[j][t], q1[j][t], kt, BITS != 16 ? sm[j][t] : make_uint2(0, 0), a);
+    #pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+                            const uint32_t b[2] = {xs[j][nt][kt].x, xs[j][nt][kt].y};
+                            mma_16816(acc[(j * KT + kt) % NACC][t][nt], a, b);
+                        }
+                    }
+                }
+            }
+        }
+
+        if (!waited) pdl_wait();  // a warp without units still writes through the epilogue
     }
 
+    if (call.epi.norm_partials) norm_scales(call.epi, 0, call.batch < NT * 8 ? call.batch : NT * 8, scale);
 #pragma unroll
     for (int c = 1; c < NACC; ++c)
 #pragma unroll
@@ -230,23 +409,33 @@ __global__ void __launch_bounds__(warps_for<R>() * 32) gemv_kernel(const GemvCal
 
     const int i = threadIdx.x % 8, col = threadIdx.x / 8;
     if (col >= call.batch || col >= NT * 8) return;
+    const float sc = call.epi.norm_partials ? scale[col] : 1.f;
     auto value = [&](int t, int row) {
         float s = 0.f;
 #pragma unroll
         for (int wi = 0; wi < kWarps; ++wi) s += red[wi][t][row][col];
-        return s;
+        return s * sc;
     };
     epilogue_pair<R>(call.epi, group, i, col, value);
 }
 
 template <int R>
 __global__ void epilogue_kernel(const Epilogue epi, const float *in, int64_t ld_in, int n_cols) {
+    __shared__ float scale[16];
+    pdl_launch_dependents();
+    pdl_wait();
     const int64_t group = blockIdx.x;
     const int i = threadIdx.x % 8;
-    const int col = blockIdx.y * 16 + threadIdx.x / 8;
+    const int c0 = blockIdx.y * 16;
+    if (epi.norm_partials) {
+        norm_scales(epi, c0, n_cols - c0 < 16 ? n_cols - c0 : 16, scale);
+        __syncthreads();
+    }
+    const int col = c0 + threadIdx.x / 8;
     if (col >= n_cols) return;
+    const float sc = epi.norm_partials ? scale[col - c0] : 1.f;
     const float *row_in = in + col * ld_in + group * R * 16;
-    auto value = [&](int t, int row) { return row_in[t * 16 + row]; };
+    auto value = [&](int t, int row) { return row_in[t * 16 + row] * sc; };
     epilogue_pair<R>(epi, group, i, col, value);
 }
 
@@ -290,8 +479,15 @@ void launch_gemv_bits_r(const GemvCall &c, cudaStream_t stream) {
     const int64_t groups = c.n_tiles / R;
     if (groups <= 0) return;
     constexpr int threads = warps_for<R>() * 32;
-    if (c.batch <= 8) gemv_kernel<BITS, R, 1><<<static_cast<unsigned>(groups), threads, 0, stream>>>(c);
-    else gemv_kernel<BITS, R, 2><<<static_cast<unsigned>(groups), threads, 0, stream>>>(c);
+    const dim3 grid(static_cast<unsigned>(groups));
+    const bool ring = gemv_ring_enabled();
+    if (c.batch <= 8) {
+        if (ring) launch_kernel(gemv_kernel<BITS, R, 1, true>, grid, threads, 0, stream, c);
+        else launch_kernel(gemv_kernel<BITS, R, 1, false>, grid, threads, 0, stream, c);
+    } else {
+        if (ring) launch_kernel(gemv_kernel<BITS, R, 2, true>, grid, threads, 0, stream, c);
+        else launch_kernel(gemv_kernel<BITS, R, 2, false>, grid, threads, 0, stream, c);
+    }
     PUMICE_CUDA_CHECK_LAUNCH("gemv");
 }
 
@@ -307,8 +503,10 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (call.batch < 1 || call.batch > 16) throw Error(PUMICE_ERR_INTERNAL, "gemv batch out of range");
     GemvCall c = call;
     // Two tiles per block share the activation loads; worth it only when the grid stays full.
+    // A norm producer writes one partial sum per tile.
     if (c.epi.mode != EPI_SWIGLU)
-        c.tiles_per_block = (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms) ? 2 : 1;
+        c.tiles_per_block =
+            (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms && !c.epi.norm_partials_out) ? 2 : 1;
     switch (c.w.bits) {
         case 2: launch_gemv_bits<2>(c, stream); break;
         case 3: launch_gemv_bits<3>(c, stream); break;
@@ -324,8 +522,10 @@ void launch_epilogue(const Epilogue &epi, int64_t n_tiles, int tiles_per_block, 
     const int64_t groups = n_tiles / tiles_per_block;
     if (groups <= 0 || n_cols <= 0) return;
     dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(ceil_div(n_cols, 16)));
-    if (tiles_per_block == 2) epilogue_kernel<2><<<grid, 128, 0, stream>>>(epi, in, ld_in, n_cols);
-    else epilogue_kernel<1><<<grid, 128, 0, stream>>>(epi, in, ld_in, n_cols);
+    if (epi.norm_partials_out && tiles_per_block != 1)
+        throw Error(PUMICE_ERR_INTERNAL, "epilogue: a norm producer needs one tile per block");
+    if (tiles_per_block == 2) launch_kernel(epilogue_kernel<2>, grid, 128, 0, stream, epi, in, ld_in, n_cols);
+    else launch_kernel(epilogue_kernel<1>, grid, 128, 0, stream, epi, in, ld_in, n_cols);
     PUMICE_CUDA_CHECK_LAUNCH("epilogue");
 }
 

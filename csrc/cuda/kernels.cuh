@@ -42,6 +42,21 @@ struct Epilogue {
     int q_rows = 0, kv_rows = 0, head_dim = 0, n_kv_heads = 0, layer = 0;
     const float *inv_freq = nullptr;
     const StepColumn *cols = nullptr;
+
+    // RMSNorm fused into its neighbours (decode step). Producer side, EPI_ADD with one tile per
+    // block: besides the residual, write half(resid * norm_weight) to norm_out[col][row] and the
+    // block's sum of squares of its residual rows to norm_partials[col * norm_ld + block].
+    const float *norm_weight = nullptr;
+    __half *norm_out = nullptr;
+    float *norm_partials_out = nullptr;
+    // Consumer side: the input was half(resid * weight); every dot product is multiplied by
+    // rsqrt(sum(norm_partials[col * norm_ld + 0 .. n_norm_partials)) / norm_hidden + norm_eps).
+    const float *norm_partials = nullptr;
+    int n_norm_partials = 0;
+    int64_t norm_ld = 0;         // row stride of the partials (both sides)
+    int64_t norm_ldo = 0;        // row stride of norm_out
+    int64_t norm_hidden = 0;
+    float norm_eps = 0.f;
 };
 
 struct GemvCall {
