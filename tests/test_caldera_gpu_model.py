@@ -35,9 +35,12 @@ def sign_of(signs: np.ndarray, i: np.ndarray) -> np.ndarray:
 
 
 def butterfly_pairs(n: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, a + h) pairs of one stage: idx < n / 2, a = (idx / h)·2h + idx % h."""
+    """The (a, a + h) pairs of one stage (h = 2^sh): idx < n / 2,
+    a = ((idx >> sh) << (sh + 1)) + (idx & (h - 1)), i.e. (idx / h)·2h + idx % h."""
+    sh = h.bit_length() - 1
     idx = np.arange(n // 2, dtype=np.int64)
-    a = (idx // h) * 2 * h + idx % h
+    a = ((idx >> sh) << (sh + 1)) + (idx & (h - 1))
+    assert np.array_equal(a, (idx // h) * 2 * h + idx % h)
     return a, a + h
 
 
@@ -60,11 +63,12 @@ def kernel_transform(x: np.ndarray, signs: np.ndarray, inverse: bool) -> np.ndar
         acc = s.copy()
     else:
         dct = kernel_dct(m)
-        j, pp = i // p, i % p
+        log2p = p.bit_length() - 1  # __ffs(p) - 1
+        j, pp = i >> log2p, i & (p - 1)
         acc = np.zeros(n, dtype=np.float32)
         for q in range(m):
             c = dct[q * m + j] if inverse else dct[j * m + q]
-            acc += c * s[q * p + pp]
+            acc += c * s[(q << log2p) + pp]
     acc *= scale
     if inverse:
         acc *= sign_of(signs, i)

@@ -8,7 +8,7 @@ namespace pumice {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float sign_of(const uint8_t *signs, int64_t i) {
+__device__ __forceinline__ float sign_of(const uint8_t *signs, int i) {
     return ((signs[i >> 3] >> (i & 7)) & 1) ? -1.0f : 1.0f;
 }
 
@@ -50,19 +50,22 @@ template <bool INVERSE, class Load, class Store>
 __global__ void hadamard_kernel(const HadamardView t, const Load load, const Store store) {
     extern __shared__ float s[];
     const int64_t v = blockIdx.x;
-    const int64_t n = t.n;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    // In-block indices fit in int: a vector is at most the shared memory of one block.
+    const int n = static_cast<int>(t.n), m = static_cast<int>(t.m), p = static_cast<int>(t.p);
+    const int log2p = __ffs(p) - 1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float x = load(v, i);
         if (!INVERSE) x *= sign_of(t.signs, i);
         s[i] = x;
     }
     __syncthreads();
-    // Walsh–Hadamard butterflies of span h inside every block of P: pair index idx < n/2 maps to
-    // (a, a + h) with a = (idx / h)·2h + idx % h; 2h divides P, so no pair crosses a block.
-    const int64_t pairs = n / 2;
-    for (int64_t h = 1; h < t.p; h *= 2) {
-        for (int64_t idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-            const int64_t a = (idx / h) * 2 * h + idx % h;
+    // Walsh–Hadamard butterflies of span h = 2^sh inside every block of P: pair index idx < n/2
+    // maps to (a, a + h) with a = (idx / h)·2h + idx % h; 2h divides P, so no pair crosses a block.
+    const int pairs = n / 2;
+    for (int sh = 0; sh < log2p; ++sh) {
+        const int h = 1 << sh;
+        for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
+            const int a = ((idx >> sh) << (sh + 1)) + (idx & (h - 1));
             const float u = s[a], w = s[a + h];
             s[a] = u + w;
             s[a + h] = u - w;
@@ -70,16 +73,16 @@ __global__ void hadamard_kernel(const HadamardView t, const Load load, const Sto
         __syncthreads();
     }
     // out[j·P + p] = Σ_q C[j, q] x[q·P + p]   (C[q, j] for Tᵀ), scaled by 1/√P.
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float acc;
-        if (t.m == 1) {
+        if (m == 1) {
             acc = s[i];
         } else {
-            const int64_t j = i / t.p, pp = i % t.p;
+            const int j = i >> log2p, pp = i & (p - 1);
             acc = 0.0f;
-            for (int64_t q = 0; q < t.m; ++q) {
-                const float c = INVERSE ? t.dct[q * t.m + j] : t.dct[j * t.m + q];
-                acc += c * s[q * t.p + pp];
+            for (int q = 0; q < m; ++q) {
+                const float c = INVERSE ? t.dct[q * m + j] : t.dct[j * m + q];
+                acc += c * s[(q << log2p) + pp];
             }
         }
         acc *= t.scale;
@@ -87,6 +90,12 @@ __global__ void hadamard_kernel(const HadamardView t, const Load load, const Sto
         store(v, i, acc);
     }
     for (int64_t i = n + threadIdx.x; i < store.pad_end(); i += blockDim.x) store(v, i, 0.0f);
+}
+
+// The kernel indexes a vector with int and holds it in one block's shared memory.
+void check_length(const HadamardView &t) {
+    if (t.n <= 0 || t.n > (1 << 20) || t.m * t.p != t.n || (t.p & (t.p - 1)) != 0)
+        throw Error(PUMICE_ERR_INTERNAL, "hadamard: bad transform length");
 }
 
 int threads_for(int64_t n) {
@@ -150,6 +159,7 @@ void prepare_hadamard_kernels() {
 void launch_hadamard_forward_f16(const HadamardView &t, const __half *x, int64_t ldx, __half *out, int64_t ldo,
                                  int64_t pad_to, int n_vec, cudaStream_t stream) {
     if (n_vec <= 0) return;
+    check_length(t);
     if (pad_to > ldo || t.n > pad_to) throw Error(PUMICE_ERR_INTERNAL, "hadamard: output rows too short");
     hadamard_kernel<false, LoadF16, StoreF16Padded><<<static_cast<unsigned>(n_vec), threads_for(t.n), hadamard_smem_bytes(t.n), stream>>>(
         t, LoadF16{x, ldx}, StoreF16Padded{out, ldo, pad_to});
@@ -159,6 +169,7 @@ void launch_hadamard_forward_f16(const HadamardView &t, const __half *x, int64_t
 void launch_hadamard_inverse_mapped(const HadamardView &t, const float *y, int64_t ldy, float *out, int64_t ldo,
                                     const RowMap &map, int n_vec, cudaStream_t stream) {
     if (n_vec <= 0) return;
+    check_length(t);
     hadamard_kernel<true, LoadF32, StoreMapped><<<static_cast<unsigned>(n_vec), threads_for(t.n), hadamard_smem_bytes(t.n), stream>>>(
         t, LoadF32{y, ldy}, StoreMapped{out, ldo, map});
     PUMICE_CUDA_CHECK_LAUNCH("hadamard_inverse_mapped");
@@ -166,6 +177,7 @@ void launch_hadamard_inverse_mapped(const HadamardView &t, const float *y, int64
 
 void launch_hadamard_inverse_rows(const HadamardView &t, float *rows, int64_t ld, int64_t n_vec, cudaStream_t stream) {
     if (n_vec <= 0) return;
+    check_length(t);
     if (n_vec > 0x7fffffff) throw Error(PUMICE_ERR_INTERNAL, "hadamard: too many vectors for one launch");
     hadamard_kernel<true, LoadF32, StoreF32><<<static_cast<unsigned>(n_vec), threads_for(t.n), hadamard_smem_bytes(t.n), stream>>>(
         t, LoadF32{rows, ld}, StoreF32{rows, ld});
