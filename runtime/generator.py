@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .chat import render_chat
-from .native import NativeModel
-from .sampling import Sampler, SamplingParams, TokenLogprob, stop_token_set
+from .native import NativeModel, NativeSampling
+from .sampling import Sampler, SamplingParams, TokenLogprob, native_sampling, stop_token_set
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512
@@ -274,8 +274,11 @@ class Generator:
             logprobs=logprobs, prompt_token_ids=list(prompt_ids), cached_tokens=stats.get("cached", 0),
             prefill_seconds=stats.get("prefill_seconds", 0.0), decode_seconds=stats.get("decode_seconds", 0.0))
 
-    def _prefill(self, prompt_ids: list[int]):
-        """Bring the cache to ``prompt_ids`` (reusing its common prefix); logits of the last token."""
+    def _prefill(self, prompt_ids: list[int], sampling: NativeSampling | None = None):
+        """Bring the cache to ``prompt_ids`` (reusing its common prefix).
+
+        Returns the last token's logits, or with ``sampling`` the next token the runtime drew.
+        """
         if len(self._cached) != self.session.n_past:
             self.reset()  # an interrupt landed between a forward call and our bookkeeping
         reuse = _common_prefix_length(self._cached, prompt_ids)
@@ -290,7 +293,10 @@ class Generator:
             for start in range(0, len(rest), PREFILL_CHUNK):
                 chunk = rest[start:start + PREFILL_CHUNK]
                 last = start + PREFILL_CHUNK >= len(rest)
-                logits = self.session.forward(chunk, return_logits=last)
+                if last and sampling is not None:
+                    logits = self.session.forward_sample(chunk, sampling)
+                else:
+                    logits = self.session.forward(chunk, return_logits=last)
                 self._cached.extend(chunk)
         except BaseException:
             self.reset()
@@ -303,7 +309,10 @@ class Generator:
                                "(or pumice serve for concurrent requests)")
         try:
             started = time.perf_counter()
-            logits, stats["cached"] = self._prefill(prompt_ids)
+            # The runtime samples when the request allows it (only token ids leave the step);
+            # logprobs and penalties need the logits here, and the numpy Sampler.
+            native = native_sampling(params)
+            logits, stats["cached"] = self._prefill(prompt_ids, native)
             first_token_at = time.perf_counter()
             stats["prefill_seconds"] = first_token_at - started
 
@@ -315,7 +324,10 @@ class Generator:
             generated: list[int] = []
             n_ctx = self.n_ctx
             while True:
-                token, logprob = sampler.sample(logits, generated)
+                if native is not None:
+                    token, logprob = logits, None  # the runtime's choice
+                else:
+                    token, logprob = sampler.sample(logits, generated)
                 stats["decode_seconds"] = time.perf_counter() - first_token_at
                 if token in stop_ids:
                     held, _ = stops.push(decoder.flush())
@@ -335,7 +347,10 @@ class Generator:
                     return
                 yield StreamEvent(text, token, logprob)
                 try:
-                    logits = self.session.forward([token])
+                    if native is not None:
+                        logits = self.session.forward_sample([token], native)
+                    else:
+                        logits = self.session.forward([token])
                 except BaseException:
                     self.reset()
                     raise

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -25,7 +26,8 @@ import numpy as np
 __all__ = [
     "PumiceError", "PumiceIOError", "PumiceFormatError", "UnsupportedError", "InvalidArgumentError",
     "OutOfMemoryError", "ContextFullError", "DeviceError", "InternalError",
-    "NativeModel", "NativeSession", "decode_batch", "library_version", "load_library",
+    "NativeModel", "NativeSession", "NativeSampling", "decode_batch", "decode_batch_sample",
+    "library_version", "load_library",
 ]
 
 
@@ -251,6 +253,36 @@ def _float32_matrix(x, name: str) -> np.ndarray:
     return array
 
 
+@dataclass(frozen=True)
+class NativeSampling:
+    """pumice_sampling_params: how the runtime picks a token (docs/RUNTIME.md, "Native sampling").
+
+    ``temperature`` 0 is greedy; ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 turn those off. The
+    runtime validates the values (InvalidArgumentError); ``seed`` is reduced modulo 2**64.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def greedy(cls) -> "NativeSampling":
+        return cls(temperature=0.0)
+
+
+def _sampling_array(library: "_Library", samplings: Sequence[NativeSampling]):
+    params = library.ffi.new("pumice_sampling_params[]", len(samplings))
+    for slot, sampling in zip(params, samplings):
+        slot.temperature = float(sampling.temperature)
+        slot.top_k = max(-2**31, min(2**31 - 1, int(sampling.top_k)))
+        slot.top_p = float(sampling.top_p)
+        slot.min_p = float(sampling.min_p)
+        slot.seed = int(sampling.seed) % 2**64
+    return params
+
+
 class NativeModel:
     """A .pumice file opened by the native runtime on one device."""
 
@@ -346,6 +378,29 @@ class NativeModel:
             ffi.from_buffer("float[]", y, require_writable=True)), "pumice_linear_apply")
         return y
 
+    def sample_logits(self, logits, samplings: NativeSampling | Sequence[NativeSampling],
+                      positions: int | Sequence[int] = 0) -> np.ndarray:
+        """The runtime's sampler on given logits ``[n, vocab]`` (tests, benchmarks): ``[n]`` int32.
+
+        ``samplings`` and ``positions`` (the RNG counters) are one for all rows or one per row.
+        On CUDA the rows are uploaded and sampled by the device kernel.
+        """
+        rows = _float32_matrix(logits, "logits")
+        if rows.shape[1] != self.vocab_size:
+            raise InvalidArgumentError(f"logits have {rows.shape[1]} columns, the vocabulary {self.vocab_size}")
+        n = rows.shape[0]
+        samplings = [samplings] * n if isinstance(samplings, NativeSampling) else list(samplings)
+        where = np.broadcast_to(np.asarray(positions, dtype=np.int64), (n,)).copy()
+        if len(samplings) != n:
+            raise InvalidArgumentError(f"{n} rows of logits but {len(samplings)} sampling parameters")
+        out = np.empty(n, dtype=np.int32)
+        ffi, lib = self._library.ffi, self._library.lib
+        self._library.check(lib.pumice_sample_logits(
+            self._handle(), ffi.from_buffer("float[]", rows), n, _sampling_array(self._library, samplings),
+            ffi.from_buffer("int64_t[]", where), ffi.from_buffer("int32_t[]", out, require_writable=True)),
+            "pumice_sample_logits")
+        return out
+
     def dequantize(self, name: str, shape: Sequence[int] | None = None) -> np.ndarray:
         """The named tensor reconstructed as float32 (shape from the file when not given)."""
         shape = tuple(int(s) for s in (shape if shape is not None else self.tensor_shape(name)))
@@ -430,6 +485,26 @@ class NativeSession:
             1 if logits_all else 0), "pumice_forward")
         return logits
 
+    def forward_sample(self, tokens, sampling: NativeSampling, return_logits: bool = False):
+        """Append tokens, then let the runtime pick the next token from the last position.
+
+        Returns the token id, or ``(token, logits [vocab])`` with ``return_logits``. The draw is
+        keyed by (``sampling.seed``, n_past after the call).
+        """
+        ids = _token_array(tokens, self.vocab_size)
+        if ids.size == 0:
+            raise InvalidArgumentError("forward_sample needs at least one token")
+        ffi = self._library.ffi
+        logits, pointer = None, ffi.NULL
+        if return_logits:
+            logits = np.empty(self.vocab_size, dtype=np.float32)
+            pointer = ffi.from_buffer("float[]", logits, require_writable=True)
+        out = ffi.new("int32_t *")
+        self._library.check(self._library.lib.pumice_forward_sample(
+            self._handle(), ffi.from_buffer("int32_t[]", ids), ids.size,
+            _sampling_array(self._library, [sampling]), out, pointer), "pumice_forward_sample")
+        return (int(out[0]), logits) if return_logits else int(out[0])
+
     def __repr__(self) -> str:
         if self.closed:
             return "NativeSession(closed)"
@@ -452,11 +527,7 @@ def _token_array(tokens, vocab_size: int) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=np.int32)
 
 
-def decode_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]) -> np.ndarray:
-    """Advance each session by one token in one pass over the weights; returns ``[n, vocab]``.
-
-    All-or-nothing: if any session is full, ContextFullError is raised and nothing changes.
-    """
+def _check_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]):
     sessions = list(sessions)
     if not sessions:
         raise InvalidArgumentError("decode_batch needs at least one session")
@@ -468,6 +539,15 @@ def decode_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]) -> np
     ids = _token_array(list(tokens), model.vocab_size)
     if ids.size != len(sessions):
         raise InvalidArgumentError(f"decode_batch got {len(sessions)} sessions but {ids.size} tokens")
+    return sessions, model, ids
+
+
+def decode_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]) -> np.ndarray:
+    """Advance each session by one token in one pass over the weights; returns ``[n, vocab]``.
+
+    All-or-nothing: if any session is full, ContextFullError is raised and nothing changes.
+    """
+    sessions, model, ids = _check_batch(sessions, tokens)
     library = model._library
     ffi = library.ffi
     handles = ffi.new("pumice_session *[]", [s._handle() for s in sessions])
@@ -476,3 +556,29 @@ def decode_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]) -> np
         handles, ffi.from_buffer("int32_t[]", ids), len(sessions),
         ffi.from_buffer("float[]", logits, require_writable=True)), "pumice_decode_batch")
     return logits
+
+
+def decode_batch_sample(sessions: Sequence[NativeSession], tokens: Iterable[int],
+                        samplings: Sequence[NativeSampling], return_logits: bool = False):
+    """decode_batch, with the runtime picking each session's next token (``samplings[i]``).
+
+    Returns int32 ``[n]`` token ids, or ``(ids, logits [n, vocab])`` with ``return_logits``.
+    Without logits nothing but the ids crosses from the device.
+    """
+    sessions, model, ids = _check_batch(sessions, tokens)
+    samplings = list(samplings)
+    if len(samplings) != len(sessions):
+        raise InvalidArgumentError(f"decode_batch_sample got {len(sessions)} sessions but "
+                                   f"{len(samplings)} sampling parameters")
+    library = model._library
+    ffi = library.ffi
+    handles = ffi.new("pumice_session *[]", [s._handle() for s in sessions])
+    out = np.empty(len(sessions), dtype=np.int32)
+    logits, pointer = None, ffi.NULL
+    if return_logits:
+        logits = np.empty((len(sessions), model.vocab_size), dtype=np.float32)
+        pointer = ffi.from_buffer("float[]", logits, require_writable=True)
+    library.check(library.lib.pumice_decode_batch_sample(
+        handles, ffi.from_buffer("int32_t[]", ids), len(sessions), _sampling_array(library, samplings),
+        ffi.from_buffer("int32_t[]", out, require_writable=True), pointer), "pumice_decode_batch_sample")
+    return (out, logits) if return_logits else out

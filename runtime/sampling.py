@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from .native import NativeSampling
 
 MAX_LOGPROBS = 20
 
@@ -270,6 +273,24 @@ def _likely_pool(weights: np.ndarray, top_k: int, top_p: float, min_p: float) ->
             if float(weights[pool].sum(dtype=np.float64)) >= top_p * total:
                 return pool
     return np.arange(weights.size)
+
+
+def native_sampling(params: SamplingParams) -> NativeSampling | None:
+    """The runtime sampler's parameters for a request, or None if only ``Sampler`` can honour it.
+
+    The runtime samples inside the step (on CUDA only token ids leave the GPU) but knows
+    nothing of logprobs or penalties: those requests keep host logits and the numpy Sampler.
+    Greedy requests pick the same argmax either way. A request without a seed gets a random one
+    here, once, so that its tokens are still a deterministic function of (seed, position).
+    """
+    if (params.logprobs is not None or params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(64)
+    return NativeSampling(temperature=float(params.temperature),
+                          top_k=min(max(int(params.top_k), 0), 2**31 - 1),
+                          top_p=float(params.top_p), min_p=float(params.min_p),
+                          seed=int(seed) % 2**64)
 
 
 def stop_token_set(params: SamplingParams, eos_token_ids: Iterable[int]) -> set[int]:

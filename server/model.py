@@ -15,7 +15,7 @@ import numpy as np
 
 from ..runtime.chat import ChatTemplateError, render_chat
 from ..runtime.generator import _generation_defaults
-from ..runtime.native import NativeModel, NativeSession, decode_batch
+from ..runtime.native import NativeModel, NativeSampling, NativeSession, decode_batch, decode_batch_sample
 from ..runtime.tokenizer import Tokenizer
 from .protocol import invalid
 
@@ -79,6 +79,10 @@ class ServedModel:
 
     def decode_batch(self, sessions: Sequence[NativeSession], tokens: Sequence[int]) -> np.ndarray:
         return decode_batch(sessions, tokens)
+
+    def decode_batch_sample(self, sessions: Sequence[NativeSession], tokens: Sequence[int],
+                            samplings: Sequence[NativeSampling], return_logits: bool = False):
+        return decode_batch_sample(sessions, tokens, samplings, return_logits=return_logits)
 
     def new_stream_decoder(self, prompt: Sequence[int]):
         return self.tokenizer.stream_decoder(context_ids=prompt)

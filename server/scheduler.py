@@ -31,7 +31,8 @@ from typing import Optional, Protocol, Sequence as Seq
 
 import numpy as np
 
-from ..runtime.sampling import Sampler, SamplingParams, stop_token_set
+from ..runtime.native import NativeSampling
+from ..runtime.sampling import Sampler, SamplingParams, native_sampling, stop_token_set
 from .metrics import ServerMetrics
 from .protocol import APIError
 
@@ -64,6 +65,9 @@ class EngineModel(Protocol):
 
     def new_session(self) -> Session: ...
     def decode_batch(self, sessions: Seq[Session], tokens: Seq[int]) -> np.ndarray: ...
+    # Optional (the runtime's sampler): decode_batch_sample(sessions, tokens, samplings,
+    # return_logits) and sessions' forward_sample(tokens, sampling, return_logits); see
+    # Engine._native.
     def new_stream_decoder(self, prompt: Seq[int]) -> StreamDecoderLike: ...
     def token_text(self, token: int) -> str: ...
 
@@ -188,6 +192,7 @@ class _Sequence:
         self.next_input: Optional[int] = None
         self.generated: list[int] = []
         self.sampler: Optional[Sampler] = None
+        self.native: Optional[NativeSampling] = None  # set when the runtime samples for it
         self.decoder: Optional[StreamDecoderLike] = None
         self.text = ""                # decoded text not yet sent to the client
         self.pending: list[tuple[int, TokenLogprob]] = []  # (offset in text, entry)
@@ -290,6 +295,9 @@ class Engine:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
+        # The runtime samples inside the decode step (only token ids leave it) for requests
+        # that need no host logits; models without the native sampler sample on the host.
+        self._native = callable(getattr(model, "decode_batch_sample", None))
 
     # -- lifetime
 
@@ -430,6 +438,7 @@ class Engine:
                 continue
             seq.prefilled = len(seq.slot.cached)
             seq.sampler = Sampler(seq.params, self.model.vocab_size, seq.prompt)
+            seq.native = native_sampling(seq.params) if self._native else None
             seq.decoder = self.model.new_stream_decoder(seq.prompt)
             self._active.append(seq)
 
@@ -479,15 +488,21 @@ class Engine:
         # Alone, prompts go faster in bigger chunks; the cap keeps cancellations and new
         # arrivals noticed between chunks of a very long prompt.
         budget = self.prefill_chunk if decoding else 4 * self.prefill_chunk
-        ready: list[tuple[_Sequence, np.ndarray]] = []  # logits to sample from
+        # (sequence, logits to sample from, or the token the runtime drew)
+        ready: list[tuple[_Sequence, Optional[np.ndarray], Optional[int]]] = []
         for seq in [s for s in self._active if s.next_input is None]:
             if budget <= 0:
                 break
             todo = seq.prompt[seq.prefilled:]
             chunk = todo[:budget]
             started = time.perf_counter()
+            completes = seq.prefilled + len(chunk) == len(seq.prompt)
+            token = None
             try:
-                logits = seq.slot.session.forward(chunk)
+                if completes and seq.native is not None:
+                    logits, token = None, seq.slot.session.forward_sample(chunk, seq.native)
+                else:
+                    logits = seq.slot.session.forward(chunk)
             except Exception as exc:
                 self._fail_now(seq, exc)
                 continue
@@ -496,25 +511,24 @@ class Engine:
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if seq.prefilled == len(seq.prompt):
-                ready.append((seq, logits))
+                ready.append((seq, logits, token))
         if decoding:
             started = time.perf_counter()
             tokens = [seq.next_input for seq in decoding]
             try:
-                if len(decoding) == 1:
-                    # The same call path as Generator, so a lone request reproduces it exactly.
-                    all_logits = decoding[0].slot.session.forward(tokens)[None, :]
-                else:
-                    all_logits = self.model.decode_batch([s.slot.session for s in decoding], tokens)
+                all_logits, drawn = self._decode(decoding, tokens)
             except Exception as exc:
                 for seq in decoding:
                     self._fail_now(seq, exc)
                 decoding = []
             else:
                 self.metrics.add_decode(len(decoding), time.perf_counter() - started)
-                for seq, logits in zip(decoding, all_logits):
+                for i, seq in enumerate(decoding):
                     seq.slot.cached.append(seq.next_input)
-                    ready.append((seq, logits))
+                    if seq.native is not None:
+                        ready.append((seq, None, int(drawn[i])))
+                    else:
+                        ready.append((seq, all_logits[i], None))
         done = self._sample_all(ready)
         for seq, outcome in done:
             if isinstance(outcome, Exception):
@@ -528,6 +542,26 @@ class Engine:
                 self._active = [seq for seq in self._active if id(seq) not in finished]
             self._update_gauges()
 
+    def _decode(self, decoding: list[_Sequence], tokens: list[int]):
+        """One decode step: (logits [n, vocab] or None, the runtime's tokens [n] or None).
+
+        Logits come back only when some sequence samples on the host; sequences the runtime
+        does not sample for ride along greedily (their drawn token is ignored).
+        """
+        sessions = [s.slot.session for s in decoding]
+        if not any(s.native is not None for s in decoding):
+            if len(decoding) == 1:
+                # The same call path as Generator, so a lone request reproduces it exactly.
+                return sessions[0].forward(tokens)[None, :], None
+            return self.model.decode_batch(sessions, tokens), None
+        want_logits = any(s.native is None for s in decoding)
+        samplings = [s.native if s.native is not None else _GREEDY for s in decoding]
+        if len(decoding) == 1:
+            out = sessions[0].forward_sample(tokens, samplings[0], return_logits=want_logits)
+            return (out[1][None, :], [out[0]]) if want_logits else (None, [out])
+        out = self.model.decode_batch_sample(sessions, tokens, samplings, return_logits=want_logits)
+        return (out[1], out[0]) if want_logits else (None, out)
+
     def _fail_now(self, seq: _Sequence, exc: Exception) -> None:
         log.warning("request %d failed: %s", seq.request.handle.request_id, exc)
         with self._cond:
@@ -538,15 +572,19 @@ class Engine:
             self._active = [s for s in self._active if s is not seq]
             self._update_gauges()
 
-    def _sample_all(self, ready: list[tuple[_Sequence, np.ndarray]]) -> list[tuple]:
+    def _sample_all(self, ready: list[tuple]) -> list[tuple]:
         """Each sequence's next token: (sequence, finish reason or None, or the exception).
 
         (Sampling the batch in a thread pool was tried: slower, see docs/PERFORMANCE.md.)
         """
         outcomes = []
-        for seq, logits in ready:
+        for seq, logits, token in ready:
             try:
-                outcomes.append((seq, self._sample(seq, logits)))
+                if token is not None:  # drawn by the runtime
+                    seq.next_input = None
+                    outcomes.append((seq, seq.accept(token, None)))
+                else:
+                    outcomes.append((seq, self._sample(seq, logits)))
             except Exception as exc:  # a broken request must not stop the others
                 outcomes.append((seq, exc))
         return outcomes
@@ -560,6 +598,9 @@ class Engine:
                                  [(text(t), lp) for t, lp in info.top])
         seq.next_input = None
         return seq.accept(int(token), entry)
+
+
+_GREEDY = NativeSampling.greedy()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

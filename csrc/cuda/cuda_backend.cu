@@ -27,6 +27,7 @@
 #include "cuda_common.cuh"
 #include "device_linear.cuh"
 #include "kernels.cuh"
+#include "sampling.cuh"
 #include "weights.cuh"
 
 namespace pumice {
@@ -129,6 +130,14 @@ public:
     void linear_apply(const std::string &name, const float *x, int64_t batch, float *y) override;
     int64_t weight_bytes() const override { return weight_bytes_; }
 
+    // Sampling on the device (sampling.cu): only token ids come back.
+    void sample(const float *logits, int32_t n_rows, const SamplingParams *params, const int64_t *positions,
+                int32_t *out) override;
+    void decode_batch_sample(BackendSession *const *sessions, const int32_t *tokens, int32_t n,
+                             const SamplingParams *params, int32_t *next, float *logits) override;
+    void forward_sample(BackendSession &session, const int32_t *tokens, int32_t n, const SamplingParams &params,
+                        int32_t *next, float *logits) override;
+
 private:
     void open_device(int device_index);
     void load_llama(const ModelFile &file);
@@ -153,6 +162,10 @@ private:
     void step_linear(const LinearGroup &g, const __half *x, int64_t ldx, int n, const Epilogue &epi,
                      int tiles_per_block);
     int prefill_chunk_size(int32_t n_past, int32_t n_remaining) const;
+
+    // Samples n <= kMaxStepCols rows of device logits (row r at rows_dev + r * vocab).
+    void sample_rows(const float *rows_dev, int n, const SamplingParams *params, const int64_t *positions,
+                     int32_t *out);
 
     GemvCall gemv_call(const LinearSlot &slot, const __half *x, int64_t ldx, int batch) const;
     int attention_splits(int n_cols) const;
@@ -187,6 +200,10 @@ private:
     std::map<int, cudaGraphExec_t> graphs_;
 
     PrefillWorkspace pw_;
+
+    // Device sampler's rows and results (grown on first use).
+    DeviceBuffer sample_rows_dev_, sample_out_dev_;
+    PinnedBuffer sample_rows_host_, sample_out_host_;
 };
 
 CudaBackend::CudaBackend(const ModelFile &file, const LlamaConfig &config, int device_index) : cfg_(config) {
@@ -837,6 +854,108 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
         step_linear(lm_head_, xn_.as<__half>(), hs_, rows, head, 1);
         copy_logits(rows, logits_dev_.as<float>(), all ? logits + (r0 - first) * V : logits);
     }
+}
+
+void CudaBackend::sample_rows(const float *rows_dev, int n, const SamplingParams *params, const int64_t *positions,
+                              int32_t *out) {
+    const int V = cfg_.vocab_size;
+    sample_rows_dev_.reserve(sizeof(SampleRow) * kMaxStepCols, "sampling rows");
+    sample_out_dev_.reserve(sizeof(int32_t) * kMaxStepCols, "sampled tokens");
+    sample_rows_host_.reserve(sizeof(SampleRow) * kMaxStepCols, "sampling rows");
+    sample_out_host_.reserve(sizeof(int32_t) * kMaxStepCols, "sampled tokens");
+    // Every call ends with a stream synchronisation, so the pinned rows are free to rewrite.
+    SampleRow *rows = sample_rows_host_.as<SampleRow>();
+    for (int i = 0; i < n; ++i)
+        rows[i] = SampleRow{params[i].temperature, params[i].top_k, params[i].top_p, params[i].min_p,
+                            params[i].seed, static_cast<uint64_t>(positions[i])};
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(sample_rows_dev_.get(), rows, sizeof(SampleRow) * n, cudaMemcpyHostToDevice,
+                                      stream_));
+    launch_sample(rows_dev, V, V, sample_rows_dev_.as<SampleRow>(), n, sample_out_dev_.as<int32_t>(), stream_);
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(sample_out_host_.as<int32_t>(), sample_out_dev_.get(), sizeof(int32_t) * n,
+                                      cudaMemcpyDeviceToHost, stream_));
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const int32_t *drawn = sample_out_host_.as<int32_t>();
+    std::vector<float> row;
+    for (int i = 0; i < n; ++i) {
+        if (drawn[i] == -1) {  // too many candidates for the kernel's shared memory: same rules on the host
+            row.resize(static_cast<size_t>(V));
+            copy_logits(1, rows_dev + static_cast<int64_t>(i) * V, row.data());
+            out[i] = sample_token(row.data(), V, params[i], static_cast<uint64_t>(positions[i]));
+        } else if (drawn[i] < 0 || drawn[i] >= V) {
+            throw Error(PUMICE_ERR_INTERNAL, "the device sampler returned token " + std::to_string(drawn[i]) +
+                                                 " outside the vocabulary");
+        } else {
+            out[i] = drawn[i];
+        }
+    }
+}
+
+void CudaBackend::sample(const float *logits, int32_t n_rows, const SamplingParams *params, const int64_t *positions,
+                         int32_t *out) {
+    if (cfg_.tensors_only()) {  // no step buffers: the host sampler
+        Backend::sample(logits, n_rows, params, positions, out);
+        return;
+    }
+    DeviceScope scope(device_);
+    const int64_t V = cfg_.vocab_size;
+    for (int32_t r0 = 0; r0 < n_rows; r0 += kMaxStepCols) {
+        const int rows = std::min<int32_t>(kMaxStepCols, n_rows - r0);
+        PUMICE_CUDA_CHECK(cudaMemcpyAsync(logits_dev_.get(), logits + r0 * V, sizeof(float) * rows * V,
+                                          cudaMemcpyHostToDevice, stream_));
+        sample_rows(logits_dev_.as<float>(), rows, params + r0, positions + r0, out + r0);
+    }
+}
+
+void CudaBackend::decode_batch_sample(BackendSession *const *sessions, const int32_t *tokens, int32_t n,
+                                      const SamplingParams *params, int32_t *next, float *logits) {
+    DeviceScope scope(device_);
+    const int64_t V = cfg_.vocab_size;
+    int64_t positions[kMaxStepCols];
+    for (int32_t done = 0; done < n; done += kMaxStepCols) {
+        const int cols = std::min<int32_t>(kMaxStepCols, n - done);
+        StepColumn *ch = writable_cols();
+        for (int i = 0; i < cols; ++i) {
+            CudaSession &s = static_cast<CudaSession &>(*sessions[done + i]);
+            ch[i] = StepColumn{tokens[done + i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
+            positions[i] = int64_t(s.n_past) + 1;  // where the drawn token goes
+        }
+        run_step(cols);
+        if (logits) copy_logits(cols, logits_dev_.as<float>(), logits + done * V);
+        sample_rows(logits_dev_.as<float>(), cols, params + done, positions, next + done);
+    }
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (int32_t i = 0; i < n; ++i) sessions[i]->n_past += 1;
+}
+
+void CudaBackend::forward_sample(BackendSession &session, const int32_t *tokens, int32_t n,
+                                 const SamplingParams &params, int32_t *next, float *logits) {
+    DeviceScope scope(device_);
+    CudaSession &s = static_cast<CudaSession &>(session);
+    const int64_t V = cfg_.vocab_size;
+    if (n > kMaxStepCols) {
+        // A long prompt (once per request): its last row of logits goes up again to be sampled.
+        std::vector<float> row;
+        float *last = logits;
+        if (!last) {
+            row.resize(static_cast<size_t>(V));
+            last = row.data();
+        }
+        forward(session, tokens, n, last, false);
+        PUMICE_CUDA_CHECK(cudaMemcpyAsync(logits_dev_.get(), last, sizeof(float) * V, cudaMemcpyHostToDevice, stream_));
+        const int64_t position = s.n_past;
+        sample_rows(logits_dev_.as<float>(), 1, &params, &position, next);
+        return;
+    }
+    // One step of consecutive tokens (a decode, or a short prompt): sample its last column.
+    const int32_t p_start = s.n_past;
+    StepColumn *ch = writable_cols();
+    for (int i = 0; i < n; ++i) ch[i] = StepColumn{tokens[i], p_start + i, s.n_ctx, 0, s.cache.as<__half>()};
+    run_step(n);
+    const float *last_dev = logits_dev_.as<float>() + int64_t(n - 1) * V;
+    if (logits) copy_logits(1, last_dev, logits);
+    const int64_t position = int64_t(p_start) + n;
+    sample_rows(last_dev, 1, &params, &position, next);
+    s.n_past = p_start + n;
 }
 
 void CudaBackend::linear_apply(const std::string &name, const float *x, int64_t batch, float *y) {

@@ -102,6 +102,49 @@ pumice_status pumice_decode_batch(pumice_session *const *sessions, const int32_t
                                   int32_t n_sessions, float *logits);
 
 /*
+ * Sampling inside the runtime (docs/RUNTIME.md, "Native sampling"): the step chooses each
+ * session's next token itself, so only token ids need to reach the caller (on CUDA the logits
+ * stay on the GPU). Rules, in order: temperature (0: greedy, the argmax with ties to the lower
+ * id) -> top-k -> top-p (of the top-k survivors' mass) -> min-p -> one draw. The draw's random
+ * bits come from Philox4x32-10 keyed by `seed` and counted by the position the new token takes
+ * in its session (n_past after the call): the same seed gives the same tokens whatever the
+ * batch, its order, or streaming. Out-of-range fields fail with PUMICE_ERR_INVALID_ARGUMENT.
+ */
+typedef struct pumice_sampling_params {
+    float temperature;  /* finite, >= 0; 0: greedy */
+    int32_t top_k;      /* >= 0; 0 or >= vocab_size: off */
+    float top_p;        /* (0, 1]; 1: off */
+    float min_p;        /* [0, 1]; 0: off */
+    uint64_t seed;
+} pumice_sampling_params;
+
+/*
+ * pumice_decode_batch, then one token per session: params[i] and next_tokens[i] belong to
+ * sessions[i]. logits: n_sessions * vocab_size floats as pumice_decode_batch writes them, or NULL
+ * (no logits are copied anywhere). All-or-nothing as pumice_decode_batch.
+ */
+pumice_status pumice_decode_batch_sample(pumice_session *const *sessions, const int32_t *tokens,
+                                         int32_t n_sessions, const pumice_sampling_params *params,
+                                         int32_t *next_tokens, float *logits);
+
+/*
+ * pumice_forward (a prompt, or any tokens), then the next token from the last position's
+ * logits. logits: vocab_size floats (the last position's), or NULL.
+ */
+pumice_status pumice_forward_sample(pumice_session *session, const int32_t *tokens, int32_t n_tokens,
+                                    const pumice_sampling_params *params, int32_t *next_token,
+                                    float *logits);
+
+/*
+ * Sampler access, for tests and benchmarks: one token per row of the given logits
+ * (n_rows * vocab_size floats) with params[r], RNG counter positions[r] (>= 0), on the model's
+ * device (the CUDA backend uploads the rows and runs its kernel).
+ */
+pumice_status pumice_sample_logits(pumice_model *model, const float *logits, int32_t n_rows,
+                                   const pumice_sampling_params *params, const int64_t *positions,
+                                   int32_t *out);
+
+/*
  * Kernel access, for tests and benchmarks: apply the named linear tensor of the model (any
  * storage kind) to a batch of inputs. x: batch * in_features floats, y: batch * out_features.
  */

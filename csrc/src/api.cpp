@@ -11,6 +11,7 @@
 #include <new>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "backend.h"
 #include "cpu_ops.h"
@@ -19,6 +20,7 @@
 #include "llama_config.h"
 #include "model_file.h"
 #include "pumice.h"
+#include "sampling.h"
 
 struct pumice_model {
     std::string path;
@@ -121,6 +123,69 @@ void fill_info(pumice_model &m) {
     info.weight_bytes = m.backend->weight_bytes();
 }
 
+// Checks a batch as pumice_decode_batch documents it; returns its model.
+pumice_model *check_batch(pumice_session *const *sessions, const int32_t *tokens, int32_t n_sessions) {
+        require(sessions != nullptr, "sessions is NULL");
+        require(tokens != nullptr, "tokens is NULL");
+        if (n_sessions <= 0)
+            throw InvalidArgument("n_sessions must be positive, got " + std::to_string(n_sessions));
+        std::set<const pumice_session *> seen;
+        pumice_model *model = nullptr;
+        for (int32_t i = 0; i < n_sessions; ++i) {
+            const pumice_session *s = sessions[i];
+            if (!s) throw InvalidArgument("sessions[" + std::to_string(i) + "] is NULL");
+            if (!seen.insert(s).second)
+                throw InvalidArgument("sessions[" + std::to_string(i) + "] appears twice in the batch");
+            if (model && s->model != model)
+                throw InvalidArgument("sessions[" + std::to_string(i) + "] belongs to another model "
+                                      "than sessions[0]; a batch runs one model");
+            model = s->model;
+        }
+        check_tokens(*model, tokens, n_sessions);
+        for (int32_t i = 0; i < n_sessions; ++i) {
+            const BackendSession &s = *sessions[i]->state;
+            if (s.n_past >= s.n_ctx)
+                throw ContextFull("context full: sessions[" + std::to_string(i) + "] holds " +
+                                  std::to_string(s.n_past) + " of its n_ctx " + std::to_string(s.n_ctx) +
+                                  " tokens; nothing was computed");
+        }
+        return model;
+}
+
+std::vector<BackendSession *> backend_states(pumice_session *const *sessions, int32_t n) {
+    std::vector<BackendSession *> states(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) states[i] = sessions[i]->state.get();
+    return states;
+}
+
+// Validated copies of the caller's sampling parameters.
+std::vector<SamplingParams> sampling_params(const pumice_sampling_params *params, int32_t n) {
+    require(params != nullptr, "params is NULL");
+    std::vector<SamplingParams> out(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) {
+        SamplingParams &p = out[i];
+        p.temperature = params[i].temperature;
+        p.top_k = params[i].top_k;
+        p.top_p = params[i].top_p;
+        p.min_p = params[i].min_p;
+        p.seed = params[i].seed;
+        validate_sampling_params(p, n == 1 ? std::string("params") : "params[" + std::to_string(i) + "]");
+    }
+    return out;
+}
+
+void check_forward(pumice_session *session, const int32_t *tokens, int32_t n_tokens) {
+    require(session != nullptr, "session is NULL");
+    require(tokens != nullptr, "tokens is NULL");
+    if (n_tokens <= 0) throw InvalidArgument("n_tokens must be positive, got " + std::to_string(n_tokens));
+    check_tokens(*session->model, tokens, n_tokens);
+    const BackendSession &s = *session->state;
+    if (int64_t(s.n_past) + n_tokens > s.n_ctx)
+        throw ContextFull("context full: the session holds " + std::to_string(s.n_past) +
+                          " tokens, " + std::to_string(n_tokens) + " more would exceed n_ctx " +
+                          std::to_string(s.n_ctx));
+}
+
 }  // namespace
 
 extern "C" {
@@ -149,6 +214,7 @@ pumice_status pumice_model_open(const char *path, const pumice_model_options *op
         try {
             m->config = LlamaConfig::from_metadata(m->file->metadata());
             m->backend = make_backend(*m, o);
+            m->backend->vocab_size = m->config.vocab_size;
             fill_info(*m);
         } catch (const Error &e) {
             throw Error(e.status, "'" + m->path + "': " + e.what());
@@ -213,50 +279,60 @@ pumice_status pumice_session_truncate(pumice_session *session, int32_t n_keep) {
 pumice_status pumice_forward(pumice_session *session, const int32_t *tokens, int32_t n_tokens,
                              float *logits, int32_t logits_all) {
     return guarded([&] {
-        require(session != nullptr, "session is NULL");
-        require(tokens != nullptr, "tokens is NULL");
-        if (n_tokens <= 0) throw InvalidArgument("n_tokens must be positive, got " + std::to_string(n_tokens));
-        pumice_model &m = *session->model;
-        check_tokens(m, tokens, n_tokens);
-        BackendSession &s = *session->state;
-        if (int64_t(s.n_past) + n_tokens > s.n_ctx)
-            throw ContextFull("context full: the session holds " + std::to_string(s.n_past) +
-                              " tokens, " + std::to_string(n_tokens) + " more would exceed n_ctx " +
-                              std::to_string(s.n_ctx));
-        m.backend->forward(s, tokens, n_tokens, logits, logits_all != 0);
+        check_forward(session, tokens, n_tokens);
+        session->model->backend->forward(*session->state, tokens, n_tokens, logits, logits_all != 0);
     });
 }
 
 pumice_status pumice_decode_batch(pumice_session *const *sessions, const int32_t *tokens,
                                   int32_t n_sessions, float *logits) {
     return guarded([&] {
-        require(sessions != nullptr, "sessions is NULL");
-        require(tokens != nullptr, "tokens is NULL");
-        if (n_sessions <= 0)
-            throw InvalidArgument("n_sessions must be positive, got " + std::to_string(n_sessions));
-        std::set<const pumice_session *> seen;
-        pumice_model *model = nullptr;
-        for (int32_t i = 0; i < n_sessions; ++i) {
-            const pumice_session *s = sessions[i];
-            if (!s) throw InvalidArgument("sessions[" + std::to_string(i) + "] is NULL");
-            if (!seen.insert(s).second)
-                throw InvalidArgument("sessions[" + std::to_string(i) + "] appears twice in the batch");
-            if (model && s->model != model)
-                throw InvalidArgument("sessions[" + std::to_string(i) + "] belongs to another model "
-                                      "than sessions[0]; a batch runs one model");
-            model = s->model;
-        }
-        check_tokens(*model, tokens, n_sessions);
-        for (int32_t i = 0; i < n_sessions; ++i) {
-            const BackendSession &s = *sessions[i]->state;
-            if (s.n_past >= s.n_ctx)
-                throw ContextFull("context full: sessions[" + std::to_string(i) + "] holds " +
-                                  std::to_string(s.n_past) + " of its n_ctx " + std::to_string(s.n_ctx) +
-                                  " tokens; nothing was computed");
-        }
-        std::unique_ptr<BackendSession *[]> states(new BackendSession *[n_sessions]);
-        for (int32_t i = 0; i < n_sessions; ++i) states[i] = sessions[i]->state.get();
-        model->backend->decode_batch(states.get(), tokens, n_sessions, logits);
+        pumice_model *model = check_batch(sessions, tokens, n_sessions);
+        std::vector<BackendSession *> states = backend_states(sessions, n_sessions);
+        model->backend->decode_batch(states.data(), tokens, n_sessions, logits);
+    });
+}
+
+pumice_status pumice_decode_batch_sample(pumice_session *const *sessions, const int32_t *tokens,
+                                         int32_t n_sessions, const pumice_sampling_params *params,
+                                         int32_t *next_tokens, float *logits) {
+    return guarded([&] {
+        pumice_model *model = check_batch(sessions, tokens, n_sessions);
+        require(next_tokens != nullptr, "next_tokens is NULL");
+        const std::vector<SamplingParams> p = sampling_params(params, n_sessions);
+        std::vector<BackendSession *> states = backend_states(sessions, n_sessions);
+        model->backend->decode_batch_sample(states.data(), tokens, n_sessions, p.data(), next_tokens, logits);
+    });
+}
+
+pumice_status pumice_forward_sample(pumice_session *session, const int32_t *tokens, int32_t n_tokens,
+                                    const pumice_sampling_params *params, int32_t *next_token,
+                                    float *logits) {
+    return guarded([&] {
+        check_forward(session, tokens, n_tokens);
+        require(next_token != nullptr, "next_token is NULL");
+        const std::vector<SamplingParams> p = sampling_params(params, 1);
+        session->model->backend->forward_sample(*session->state, tokens, n_tokens, p[0], next_token, logits);
+    });
+}
+
+pumice_status pumice_sample_logits(pumice_model *model, const float *logits, int32_t n_rows,
+                                   const pumice_sampling_params *params, const int64_t *positions,
+                                   int32_t *out) {
+    return guarded([&] {
+        require(model != nullptr, "model is NULL");
+        require(logits != nullptr, "logits is NULL");
+        require(positions != nullptr, "positions is NULL");
+        require(out != nullptr, "out is NULL");
+        if (n_rows <= 0) throw InvalidArgument("n_rows must be positive, got " + std::to_string(n_rows));
+        if (model->config.tensors_only() || model->config.vocab_size <= 0)
+            throw UnsupportedError("'" + model->path + "' holds tensors only: it has no vocabulary to sample");
+        const std::vector<SamplingParams> p = sampling_params(params, n_rows);
+        for (int32_t r = 0; r < n_rows; ++r)
+            if (positions[r] < 0)
+                throw InvalidArgument("positions[" + std::to_string(r) + "] must be >= 0, got " +
+                                      std::to_string(positions[r]));
+        model->backend->sample(logits, n_rows, p.data(), positions, out);
     });
 }
 

@@ -9,6 +9,7 @@
 
 #include "llama_config.h"
 #include "model_file.h"
+#include "sampling.h"
 
 namespace pumice {
 
@@ -35,6 +36,22 @@ public:
     // Apply a named linear tensor (tests and benchmarks); x, y are host float32 arrays.
     virtual void linear_apply(const std::string &name, const float *x, int64_t batch, float *y) = 0;
     virtual int64_t weight_bytes() const = 0;
+
+    // Sampling inside the runtime (sampling.h). The defaults compute logits on the host and
+    // run the host sampler there (the CPU backend); the CUDA backend samples on the device and
+    // copies only token ids back. `logits` may be nullptr (then none reach the caller).
+    //
+    // One token per row of host logits [n_rows][vocab_size]; positions[r] is row r's RNG counter.
+    virtual void sample(const float *logits, int32_t n_rows, const SamplingParams *params,
+                        const int64_t *positions, int32_t *out);
+    // decode_batch, then each session's next token (RNG counter: its n_past after the step).
+    virtual void decode_batch_sample(BackendSession *const *sessions, const int32_t *tokens, int32_t n,
+                                     const SamplingParams *params, int32_t *next, float *logits);
+    // forward (last position only), then the next token (RNG counter: n_past after the call).
+    virtual void forward_sample(BackendSession &session, const int32_t *tokens, int32_t n,
+                                const SamplingParams &params, int32_t *next, float *logits);
+
+    int32_t vocab_size = 0;  // set by the ABI layer after construction
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelFile &file, const LlamaConfig &config,
