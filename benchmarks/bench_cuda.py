@@ -5,7 +5,10 @@
 
 For each model shape and storage kind it writes a .pumice file straight from random codes
 (pumice.format.writer; no conversion, a dummy tokenizer blob), then, each in its own process so
-that GPU memory is measured cleanly:
+that GPU memory is measured cleanly. Kinds (every linear layer and the head; see
+benchmarks/random_kinds.py): rtn<b>g<g> (rtn2g64), bcq<q>g<g> (bcq2g128, bcq3g128: ShiftAddLLM
+binary planes), caldera<b>r<rank> (caldera2r64: Q rtn b-bit g64 + rank-k L·R, 4-bit factors,
+Hadamard basis). The measurements:
 
 - pumice: decode tokens/s at batch 1, 4 and 16 (greedy, logits copied to the host every step),
   prefill tokens/s of a 2048-token prompt, decode at 2048 context, peak GPU memory, and a kernel
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,6 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import random_kinds  # noqa: E402  (beside this file)
+from random_kinds import KindSpec  # noqa: E402
 
 SHAPES = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -43,10 +49,9 @@ PREFILL = 2048
 N_CTX = 4096
 
 
-def parse_kind(kind: str) -> tuple[int, int]:
-    # "rtn2g64" -> (2, 64)
-    bits, group = kind[3:].split("g")
-    return int(bits), int(group)
+def parse_kind(kind: str) -> KindSpec:
+    """A kind name (rtn2g64, bcq3g128, caldera2r64, ...: benchmarks/random_kinds.py) -> KindSpec."""
+    return random_kinds.parse_kind(kind)
 
 
 def full_config(shape: dict) -> dict:
@@ -70,15 +75,13 @@ def linear_names(c: dict) -> list[tuple[str, tuple[int, int]]]:
 
 
 def write_random_model(path: Path, shape_name: str, kind: str) -> dict:
-    """Random rtn weights, centred codes scaled for unit-variance outputs. Returns byte counts."""
-    from pumice.format.packing import packed_row_bytes
+    """A model of random weights stored as `kind` (every linear layer, the head included),
+    written straight from random codes (benchmarks/random_kinds.py). Returns byte counts."""
     from pumice.format.writer import PumiceWriter
 
-    bits, group = parse_kind(kind)
+    spec = parse_kind(kind)
     c = full_config(SHAPES[shape_name])
     rng = np.random.default_rng(0)
-    levels = (1 << bits) - 1
-    code_std = math.sqrt(((levels + 1) ** 2 - 1) / 12.0)
     metadata = {
         "architecture": "llama", "config": c,
         "tokenizer": {"type": "hf_tokenizers", "blob": "tokenizer.json", "config": {}},
@@ -86,25 +89,24 @@ def write_random_model(path: Path, shape_name: str, kind: str) -> dict:
         "special_tokens": {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": None, "bos_token": None,
                            "eos_token": None, "add_bos_token": True},
         "generation": {},
-        "provenance": {"method": "random", "bits": bits, "group_size": group, "source": "bench_cuda",
+        "provenance": {"method": "random", "bits": spec.bits, "group_size": spec.group_size,
+                       "source": "bench_cuda", "kind": kind, "storage": spec.describe(),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pumice_version": "0.1.0"},
     }
     linear_bytes = 0
+    untransformed = []  # caldera tensors too wide for the GPU transform (random_kinds.py)
     with PumiceWriter(path, metadata) as w:
         d = c["hidden_size"]
-        emb = (rng.standard_normal((c["vocab_size"], d), dtype=np.float32)).astype(np.float16)
-        w.add_tensor("model.embed_tokens.weight", "dense", [c["vocab_size"], d], {}, {"weight": emb})
-        del emb
+        w.add_tensor("model.embed_tokens.weight", "dense", [c["vocab_size"], d], {},
+                     {"weight": random_kinds.random_embedding(rng, c["vocab_size"], d)})
         ones = np.ones(d, dtype=np.float32)
         for name, (n, k) in linear_names(c):
-            g = -(-k // group)
-            codes = rng.integers(0, 256, size=(n, packed_row_bytes(k, bits)), dtype=np.uint8)
-            scale = 1.0 / (math.sqrt(k) * code_std)
-            scales = (scale * (0.75 + 0.5 * rng.random((n, g), dtype=np.float32))).astype(np.float16)
-            mins = (-scales.astype(np.float32) * levels / 2).astype(np.float16)
-            w.add_tensor(name, "rtn", [n, k], {"bits": bits, "group_size": group},
-                         {"codes": codes, "scales": scales, "mins": mins})
-            linear_bytes += codes.nbytes + scales.nbytes + mins.nbytes
+            tensor_kind, params, parts = random_kinds.random_linear(rng, spec, n, k)
+            if params.get("transform") == "none":
+                untransformed.append(name)
+            w.add_tensor(name, tensor_kind, [n, k], params, parts)
+            linear_bytes += sum(part.nbytes for part in parts.values())
+            del parts
             if name.endswith("down_proj.weight"):
                 layer = name.split(".")[2]
                 w.add_tensor(f"model.layers.{layer}.input_layernorm.weight", "dense", [d], {}, {"weight": ones})
@@ -112,9 +114,14 @@ def write_random_model(path: Path, shape_name: str, kind: str) -> dict:
                              {"weight": ones})
         w.add_tensor("model.norm.weight", "dense", [d], {}, {"weight": ones})
         w.add_blob("tokenizer.json", b"{}")
+        storage = spec.describe()
+        if untransformed:
+            storage += (f"; transform none for {', '.join(untransformed)} (wider than the GPU "
+                        f"transform's {random_kinds.HADAMARD_GPU_MAX_DIM})")
+        w.metadata["provenance"]["storage"] = storage
     n_weights = sum(n * k for _, (n, k) in linear_names(c))
     return {"linear_bytes": linear_bytes, "linear_weights": n_weights,
-            "bits_per_weight": 8.0 * linear_bytes / n_weights}
+            "bits_per_weight": 8.0 * linear_bytes / n_weights, "storage": storage}
 
 
 def gpu_used_bytes() -> int:
@@ -177,6 +184,11 @@ STEP_VARIANTS = {
     "gemv_only": {"PUMICE_CUDA_STEP": "gemv"},
     "gemv_only_no_pdl": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_PDL": "0"},
 }
+# One matrix of every layer (and the head) alone: per-shape bandwidth.
+GEMV_PARTS = ("qkv", "o", "gu", "down", "head")
+GEMV_MODES = ("default",)
+for _part in GEMV_PARTS:
+    STEP_VARIANTS[f"default:{_part}"] = {"PUMICE_CUDA_STEP": f"gemv:{_part}"}
 
 
 def step_variants(model, vocab: int, steps: int) -> dict:
@@ -352,6 +364,16 @@ def run_worker(args: list[str], timeout: float) -> dict:
     return {"error": "no result: " + proc.stdout[-2000:] + proc.stderr[-2000:]}
 
 
+def part_weight_shares(c: dict) -> dict:
+    """Fraction of the linear weights in each launch kind (q/k/v, o, gate/up, down, head)."""
+    d, i, hd, n = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["num_hidden_layers"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    w = {"qkv": n * d * (q + 2 * kv), "o": n * q * d, "gu": n * 2 * i * d, "down": n * i * d,
+         "head": c["vocab_size"] * d}
+    total = sum(w.values())
+    return {k: v / total for k, v in w.items()}
+
+
 def floor_ms(step_bytes: float, bandwidth: float) -> float:
     return step_bytes / bandwidth * 1e3
 
@@ -360,8 +382,15 @@ def kv_bytes(c: dict, batch: int, context: int) -> float:
     return batch * c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * context * c["head_dim"] * 2
 
 
+# Kernels of a decode step's linear layers: tiled GEMV (rtn, dense, caldera's Q/L/R), bcq's LUT
+# GEMM, caldera's activation transforms and row scatter.
+LINEAR_KERNELS = ("gemv_kernel", "lut_gemm_kernel", "hadamard_kernel", "map_rows_kernel")
+
+
 def gemv_bandwidth(profile: dict, linear_bytes: int) -> tuple[float, float]:
-    us = sum(v["us_per_step"] for k, v in profile.items() if k.startswith("gemv_kernel"))
+    # Profile keys keep template arguments and inner namespaces ("bcq_gpu::lut_gemm_kernel<3>").
+    us = sum(v["us_per_step"] for k, v in profile.items()
+             if k.split("<")[0].rsplit("::", 1)[-1] in LINEAR_KERNELS)
     return us, (linear_bytes / (us * 1e-6) if us else float("nan"))
 
 
@@ -384,6 +413,8 @@ def main() -> None:
         print("RESULT " + json.dumps(out), flush=True)
         return
 
+    for kind in args.kinds.split(","):
+        parse_kind(kind)  # a bad name fails here, before anything is written or measured
     import torch
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -471,7 +502,7 @@ def print_table(results: dict) -> None:
                       f"{d['16']['tok_s'] / hf['decode']['16']['tok_s']:.1f}x | | | | "
                       f"{r['prefill']['tok_s'] / hf['prefill']['tok_s']:.2f}x | | |")
     print("\nbatch-1 step (ms, no logits copied; x = over the weight-bytes floor) by setting:")
-    names = list(STEP_VARIANTS)
+    names = [n for n in STEP_VARIANTS if ":" not in n]
     print("| model | kind | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for shape, entry in results["models"].items():
@@ -480,6 +511,23 @@ def print_table(results: dict) -> None:
                 continue
             v, x = r["step_variants_ms"], r["step_variants_over_floor"]
             print(f"| {shape} | {kind} | " + " | ".join(f"{v[n]:.3f} ({x[n]:.2f}x)" for n in names) + " |")
+    print("\none matrix per layer alone (us per launch, GB/s of its weights), per GEMV mode:")
+    print("| model | kind | mode | " + " | ".join(GEMV_PARTS) + " |")
+    print("|---|---|---|" + "---|" * len(GEMV_PARTS))
+    for shape, entry in results["models"].items():
+        c = entry["config"]
+        for kind, r in entry["kinds"].items():
+            if "error" in r:
+                continue
+            share = part_weight_shares(c)
+            for mode in GEMV_MODES:
+                cells = []
+                for part in GEMV_PARTS:
+                    ms = r["step_variants_ms"].get(f"{mode}:{part}")
+                    launches = 1 if part == "head" else c["num_hidden_layers"]
+                    gbs = r["linear_bytes"] * share[part] / (ms * 1e-3) / 1e9
+                    cells.append(f"{ms * 1e3 / launches:.1f} us, {gbs:.0f} GB/s")
+                print(f"| {shape} | {kind} | {mode} | " + " | ".join(cells) + " |")
     for shape, entry in results["models"].items():
         for kind, r in entry["kinds"].items():
             if "error" in r or kind != next(iter(entry["kinds"])):

@@ -53,14 +53,24 @@ bool fused_norm_enabled() {
     return !(v && std::string(v) == "0");
 }
 // Benchmarks: PUMICE_CUDA_STEP=gemv leaves only the linear layers in a decode step (wrong
-// results, but the time of "the GEMVs alone" in their real launch sequence).
-bool gemv_only_step() {
+// results, but the time of "the GEMVs alone" in their real launch sequence); gemv:qkv, gemv:o,
+// gemv:gu, gemv:down or gemv:head keeps only those (per-shape bandwidth). 0 = a normal step.
+enum StepPart : int { PART_QKV = 1, PART_O = 2, PART_GU = 4, PART_DOWN = 8, PART_HEAD = 16, PART_ALL = 31 };
+int gemv_only_step() {
     const char *v = std::getenv("PUMICE_CUDA_STEP");
-    return v && std::string(v) == "gemv";
+    if (!v) return 0;
+    const std::string m(v);
+    if (m == "gemv") return PART_ALL;
+    if (m == "gemv:qkv") return PART_QKV;
+    if (m == "gemv:o") return PART_O;
+    if (m == "gemv:gu") return PART_GU;
+    if (m == "gemv:down") return PART_DOWN;
+    if (m == "gemv:head") return PART_HEAD;
+    return 0;
 }
 // The settings a captured step depends on (a graph is kept per column count and settings).
 int step_variant(int n_cols) {
-    return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) | (gemv_only_step() ? 1 << 10 : 0);
+    return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) | (gemv_only_step() << 13);
 }
 bool graphs_enabled() {
     const char *v = std::getenv("PUMICE_CUDA_GRAPHS");
@@ -513,7 +523,9 @@ void CudaBackend::enqueue_step(int n) {
     // sums of squares; the QKV, gate/up and head GEMVs scale their dot products. Layer 0's input
     // norm follows the embedding as its own kernel.
     const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0;
-    const bool gemv_only = gemv_only_step();
+    const int parts = gemv_only_step();
+    const bool gemv_only = parts != 0;
+    auto keep = [&](int part) { return !gemv_only || (parts & part); };
     auto produce_norm = [&](Epilogue &e, const DeviceBuffer &weight) {
         if (!fuse_norm) return;
         e.norm_weight = weight.as<float>();
@@ -549,7 +561,7 @@ void CudaBackend::enqueue_step(int n) {
         qkv.inv_freq = inv_freq_.as<float>();
         qkv.cols = cols;
         if (l > 0) consume_norm(qkv, layers_[l - 1].down);
-        step_linear(L.qkv, xn, hs_, n, qkv, 1);
+        if (keep(PART_QKV)) step_linear(L.qkv, xn, hs_, n, qkv, 1);
 
         AttentionCall at;
         at.q = q_.as<__half>();
@@ -574,7 +586,7 @@ void CudaBackend::enqueue_step(int n) {
         o.ldo = hs_;
         o.bias = L.o_bias.as<float>();
         produce_norm(o, L.mlp_norm);
-        step_linear(L.o, attn_.as<__half>(), qs_, n, o, 1);
+        if (keep(PART_O)) step_linear(L.o, attn_.as<__half>(), qs_, n, o, 1);
 
         if (!fuse_norm && !gemv_only)
             launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
@@ -585,7 +597,7 @@ void CudaBackend::enqueue_step(int n) {
         gu.ldo = is_;
         gu.bias = L.gate_up_bias.as<float>();
         consume_norm(gu, L.o);
-        step_linear(L.gate_up, xn, hs_, n, gu, 2);
+        if (keep(PART_GU)) step_linear(L.gate_up, xn, hs_, n, gu, 2);
 
         Epilogue dn;
         dn.mode = EPI_ADD;
@@ -593,7 +605,7 @@ void CudaBackend::enqueue_step(int n) {
         dn.ldo = hs_;
         dn.bias = L.down_bias.as<float>();
         produce_norm(dn, l + 1 < c.num_layers ? layers_[l + 1].attn_norm : final_norm_);
-        step_linear(L.down, act_.as<__half>(), is_, n, dn, 1);
+        if (keep(PART_DOWN)) step_linear(L.down, act_.as<__half>(), is_, n, dn, 1);
     }
     if (!fuse_norm && !gemv_only)
         launch_rmsnorm(resid, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
@@ -602,7 +614,7 @@ void CudaBackend::enqueue_step(int n) {
     head.out_f32 = logits_dev_.as<float>();
     head.ldo = c.vocab_size;
     consume_norm(head, layers_.back().down);
-    step_linear(lm_head_, xn, hs_, n, head, 1);
+    if (keep(PART_HEAD)) step_linear(lm_head_, xn, hs_, n, head, 1);
 }
 
 void CudaBackend::run_step(int n) {

@@ -59,6 +59,17 @@ __device__ __forceinline__ void decode_ktile(const uint4 &q, const uint2 &q1, in
     }
 }
 
+// Decodes the k-tiles of one lane's unit (codes, third plane, scale pair of its rows). A
+// faster 2-bit route (codes masked into the mantissa of 1.0, one HFMA2 with (4s, m - 4s)) cost
+// 10x the rounding error for 5% of GEMV time; docs/CUDA.md has the numbers.
+template <int BITS> struct UnitDecoder {
+    uint4 q;
+    uint2 q1, sm;
+    __device__ __forceinline__ UnitDecoder(const uint4 &q_, const uint2 &q1_, const uint2 &sm_)
+        : q(q_), q1(q1_), sm(sm_) {}
+    __device__ __forceinline__ void ktile(int t, uint32_t a[4]) const { decode_ktile<BITS>(q, q1, t, sm, a); }
+};
+
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -78,24 +89,6 @@ __device__ __forceinline__ uint2 load_stream(const uint2 *p) {
     uint2 v;
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
-}
-
-// Asynchronous global -> shared copies (sm_80+), completed per thread by cp_async_wait.
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async8(void *smem, const void *gmem) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void prefetch_l1(const void *p) {
-    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // One weight, for the slow paths (embedding rows): stored row `row`, input k.

@@ -47,12 +47,6 @@ __device__ void norm_scales(const Epilogue &e, int c0, int n_cols, float *scale)
     }
 }
 
-// PUMICE_GEMV=ring streams weights through shared memory (cp.async) instead of registers.
-bool gemv_ring_enabled() {
-    const char *v = std::getenv("PUMICE_GEMV");
-    return v && std::string(v) == "ring";
-}
-
 // Applies the epilogue for pair index i (rows i and i+8 of each tile) of one column.
 // value(t, row) is the finished dot product of tile t (of the block's group) and that row.
 template <int R, class Value>
@@ -154,24 +148,9 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
     }
 }
 
-// Bytes one lane copies for one tile of one unit: codes, scale pair (quantized kinds), third
-// bit plane (bits 3).
-template <int BITS> __host__ __device__ constexpr int lane_unit_bytes() {
-    return 16 + (BITS != 16 ? 8 : 0) + (BITS == 3 ? 8 : 0);
-}
-// Ring depth: about 36 KB of stages per block (static shared memory stays under 48 KB with the
-// reduction buffer), at most 8 units ahead.
-template <int BITS, int R> __host__ __device__ constexpr int ring_stages() {
-    constexpr int bytes = warps_for<R>() * R * 32 * lane_unit_bytes<BITS>();
-    constexpr int s = 36 * 1024 / bytes;
-    return s > 8 ? 8 : s < 2 ? 2 : s;
-}
-
-// kRing: weights through a cp.async shared-memory ring (see below); otherwise every load of a
-// pass of U units goes to registers before the first is used.
-template <int BITS, int R, int NT, bool kRing>
-__global__ void __launch_bounds__(warps_for<R>() * 32) gemv_kernel(const GemvCall call) {
-    constexpr int kWarps = warps_for<R>();
+template <int BITS, int R, int NT, int W>
+__global__ void __launch_bounds__(W * 32) gemv_kernel(const GemvCall call) {
+    constexpr int kWarps = W;
     constexpr int KT = unit_ktiles(BITS);
     constexpr int KU = unit_k(BITS);
     __shared__ float red[kWarps][R][16][NT * 8];
@@ -209,184 +188,83 @@ __global__ void __launch_bounds__(warps_for<R>() * 32) gemv_kernel(const GemvCal
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[c][t][nt][e] = 0.f;
 
-    if constexpr (kRing) {
-        // Each warp streams its units (u = warp, warp + kWarps, ...) through a ring of kStages
-        // shared-memory stages filled by cp.async: while it decodes one unit, the next kStages - 1
-        // are in flight, at no register cost. Every lane copies exactly the bytes it later reads
-        // (its codes, its scale pair), so no barrier is needed between copy and use. The first
-        // stages are requested before pdl_wait: weights never depend on the previous kernel.
-        constexpr int kStages = ring_stages<BITS, R>();
-        constexpr bool kScaled = BITS != 16, kPlane1 = BITS == 3;
-        __shared__ __align__(16) uint4 ring_q[kWarps][kStages][R][32];
-        __shared__ __align__(8) uint2 ring_sm[kScaled ? kWarps : 1][kScaled ? kStages : 1][R][32];
-        __shared__ __align__(8) uint2 ring_p1[kPlane1 ? kWarps : 1][kPlane1 ? kStages : 1][R][32];
-        const int64_t units = w.units;
-        const int64_t mine = warp < units ? (units - warp + kWarps - 1) / kWarps : 0;
-        bool prefetch_x = false;
-        auto request = [&](int64_t i) {
-            const int64_t u = warp + i * kWarps;
-            const int st = static_cast<int>(i % kStages);
-    #pragma unroll
+    const int64_t units = w.units;
+    // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
+    // before the first is used, so small matrices (a few units per warp) are not latency-bound.
+    constexpr int U = NT == 1 ? 4 : 2;
+    bool waited = false;
+    for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
+        uint4 q[U][R];
+        uint2 q1[U][R];
+        uint2 sm[U][R];
+        uint2 xs[U][NT][KT];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int64_t u = u0 + j * kWarps;
+            if (u >= units) break;
+#pragma unroll
             for (int t = 0; t < R; ++t) {
-                const int64_t at = (stored[t] * units + u) * 32 + lane;
-                cp_async16(&ring_q[warp][st][t][lane], w.codes + at);
-                if constexpr (kPlane1) cp_async8(&ring_p1[warp][st][t][lane], w.plane1 + at);
-                if constexpr (kScaled) {
-                    // One quantization group per lane and unit.
-                    const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
-                    cp_async8(&ring_sm[warp][st][t][lane], w.scale_min + (stored[t] * w.groups + grp) * 8 + bn);
-                }
+                const int64_t slot = (stored[t] * units + u) * 32 + lane;
+                q[j][t] = load_stream(w.codes + slot);
+                if constexpr (BITS == 3) q1[j][t] = load_stream(w.plane1 + slot);
+                else q1[j][t] = make_uint2(0, 0);
             }
-            // The unit's activations into L1, so that load_x finds them there (they are read from
-            // L2 otherwise, a round trip per unit on the critical path). Only after pdl_wait:
-            // the previous kernel writes them.
-            if (prefetch_x) {
-    #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    if (xvalid[nt]) prefetch_l1(xrow[nt] + u * KU);
+            // One quantization group per lane and unit.
+            if constexpr (BITS != 16) {
+                const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
+#pragma unroll
+                for (int t = 0; t < R; ++t) sm[j][t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
+            } else {
+#pragma unroll
+                for (int t = 0; t < R; ++t) sm[j][t] = make_uint2(0, 0);
             }
-        };
-        // The lane's activations for a unit: KU/4 consecutive inputs, 8 bytes per k-tile.
-        auto load_x = [&](int64_t i, uint2 (&xs)[NT][KT]) {
-            const int64_t u = warp + i * kWarps;
-    #pragma unroll
+        }
+        // The first pass's weights are on their way before pdl_wait: no kernel writes them.
+        // Activations come from the previous kernel.
+        if (!waited) {
+            pdl_wait();
+            waited = true;
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int64_t u = u0 + j * kWarps;
+            if (u >= units) break;
+            // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
+#pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const __half *xp = xrow[nt] + u * KU;
                 if constexpr (KT % 2 == 0) {
-    #pragma unroll
+#pragma unroll
                     for (int i2 = 0; i2 < KT / 2; ++i2) {
                         const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * i2) : make_uint4(0, 0, 0, 0);
-                        xs[nt][2 * i2] = make_uint2(v.x, v.y);
-                        xs[nt][2 * i2 + 1] = make_uint2(v.z, v.w);
+                        xs[j][nt][2 * i2] = make_uint2(v.x, v.y);
+                        xs[j][nt][2 * i2 + 1] = make_uint2(v.z, v.w);
                     }
                 } else {
-                    xs[nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
+                    xs[j][nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
                 }
             }
-        };
-
-    #pragma unroll
-        for (int i = 0; i < kStages - 1; ++i) {
-            if (i < mine) request(i);
-            cp_async_commit();
         }
-        pdl_wait();  // from here on: activations and outputs
-        prefetch_x = true;
-    #pragma unroll
-        for (int i = 0; i < kStages - 1; ++i)
-            if (i < mine) {
-    #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    if (xvalid[nt]) prefetch_l1(xrow[nt] + (warp + i * kWarps) * KU);
-            }
-        uint2 x_next[NT][KT];
-        if (mine > 0) load_x(0, x_next);
-        for (int64_t i = 0; i < mine; ++i) {
-            if (i + kStages - 1 < mine) request(i + kStages - 1);
-            cp_async_commit();
-            uint2 xs[NT][KT];
-    #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-    #pragma unroll
-                for (int kt = 0; kt < KT; ++kt) xs[nt][kt] = x_next[nt][kt];
-            if (i + 1 < mine) load_x(i + 1, x_next);
-            cp_async_wait<kStages - 1>();  // this lane's copies of unit i have landed
-            const int st = static_cast<int>(i % kStages);
-    #pragma unroll
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            if (u0 + j * kWarps >= units) break;
+#pragma unroll
             for (int t = 0; t < R; ++t) {
-                const uint4 q = ring_q[warp][st][t][lane];
-                uint2 q1 = make_uint2(0, 0), sm = make_uint2(0, 0);
-                if constexpr (kPlane1) q1 = ring_p1[warp][st][t][lane];
-                if constexpr (kScaled) sm = ring_sm[warp][st][t][lane];
-    #pragma unroll
+                const UnitDecoder<BITS> dec(q[j][t], q1[j][t], sm[j][t]);
+#pragma unroll
                 for (int kt = 0; kt < KT; ++kt) {
                     uint32_t a[4];
-                    decode_ktile<BITS>(q, q1, kt, sm, a);
-    #pragma unroll
+                    dec.ktile(kt, a);
+#pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        const uint32_t bfrag[2] = {xs[nt][kt].x, xs[nt][kt].y};
-                        mma_16816(acc[kt % NACC][t][nt], a, bfrag);
+                        const uint32_t b[2] = {xs[j][nt][kt].x, xs[j][nt][kt].y};
+                        mma_16816(acc[(j * KT + kt) % NACC][t][nt], a, b);
                     }
                 }
             }
         }
-        cp_async_wait<0>();
-    } else {
-        const int64_t units = w.units;
-        // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
-        // before the first is used, so small matrices (a few units per warp) are not latency-bound.
-        constexpr int U = NT == 1 ? 4 : 2;
-        bool waited = false;
-        for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
-            uint4 q[U][R];
-            uint2 q1[U][R];
-            uint2 sm[U][R];
-            uint2 xs[U][NT][KT];
-    #pragma unroll
-            for (int j = 0; j < U; ++j) {
-                const int64_t u = u0 + j * kWarps;
-                if (u >= units) break;
-    #pragma unroll
-                for (int t = 0; t < R; ++t) {
-                    const int64_t slot = (stored[t] * units + u) * 32 + lane;
-                    q[j][t] = load_stream(w.codes + slot);
-                    if constexpr (BITS == 3) q1[j][t] = load_stream(w.plane1 + slot);
-                    else q1[j][t] = make_uint2(0, 0);
-                }
-                // One quantization group per lane and unit.
-                if constexpr (BITS != 16) {
-                    const int grp = static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size;
-    #pragma unroll
-                    for (int t = 0; t < R; ++t) sm[j][t] = w.scale_min[(stored[t] * w.groups + grp) * 8 + bn];
-                }
-            }
-            // The first pass's weights are on their way; activations come from the previous kernel.
-            if (!waited) {
-                pdl_wait();
-                waited = true;
-            }
-    #pragma unroll
-            for (int j = 0; j < U; ++j) {
-                const int64_t u = u0 + j * kWarps;
-                if (u >= units) break;
-                // The lane's activations for this unit: KU/4 consecutive inputs, 8 bytes per k-tile.
-    #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const __half *xp = xrow[nt] + u * KU;
-                    if constexpr (KT % 2 == 0) {
-    #pragma unroll
-                        for (int i2 = 0; i2 < KT / 2; ++i2) {
-                            const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xp + 8 * i2) : make_uint4(0, 0, 0, 0);
-                            xs[j][nt][2 * i2] = make_uint2(v.x, v.y);
-                            xs[j][nt][2 * i2 + 1] = make_uint2(v.z, v.w);
-                        }
-                    } else {
-                        xs[j][nt][0] = xvalid[nt] ? *reinterpret_cast<const uint2 *>(xp) : make_uint2(0, 0);
-                    }
-                }
-            }
-    #pragma unroll
-            for (int j = 0; j < U; ++j) {
-                if (u0 + j * kWarps >= units) break;
-    #pragma unroll
-                for (int kt = 0; kt < KT; ++kt) {
-    #pragma unroll
-                    for (int t = 0; t < R; ++t) {
-                        uint32_t a[4];
-                        decode_ktile<BITS>(q[j][t], q1[j][t], kt, BITS != 16 ? sm[j][t] : make_uint2(0, 0), a);
-    #pragma unroll
-                        for (int nt = 0; nt < NT; ++nt) {
-                            const uint32_t b[2] = {xs[j][nt][kt].x, xs[j][nt][kt].y};
-                            mma_16816(acc[(j * KT + kt) % NACC][t][nt], a, b);
-                        }
-                    }
-                }
-            }
-        }
-
-        if (!waited) pdl_wait();  // a warp without units still writes through the epilogue
     }
-
+    if (!waited) pdl_wait();  // a warp without units still writes through the epilogue
     if (call.epi.norm_partials) norm_scales(call.epi, 0, call.batch < NT * 8 ? call.batch : NT * 8, scale);
 #pragma unroll
     for (int c = 1; c < NACC; ++c)
@@ -454,10 +332,11 @@ __global__ void dequantize_f16_kernel(const WeightView w, __half *out, int64_t l
     uint2 sm = make_uint2(0, 0);
     if constexpr (BITS != 16)
         sm = w.scale_min[(tile * w.groups + static_cast<int>(u * KU + (lane % 4) * (KU / 4)) / w.group_size) * 8 + lane / 4];
+    const UnitDecoder<BITS> dec(q, q1, sm);
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
         uint32_t a[4];
-        decode_ktile<BITS>(q, q1, kt, sm, a);
+        dec.ktile(kt, a);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int64_t row = (tile_base + tile * tile_stride) * 16 + frag_row(lane, r);
@@ -480,14 +359,8 @@ void launch_gemv_bits_r(const GemvCall &c, cudaStream_t stream) {
     if (groups <= 0) return;
     constexpr int threads = warps_for<R>() * 32;
     const dim3 grid(static_cast<unsigned>(groups));
-    const bool ring = gemv_ring_enabled();
-    if (c.batch <= 8) {
-        if (ring) launch_kernel(gemv_kernel<BITS, R, 1, true>, grid, threads, 0, stream, c);
-        else launch_kernel(gemv_kernel<BITS, R, 1, false>, grid, threads, 0, stream, c);
-    } else {
-        if (ring) launch_kernel(gemv_kernel<BITS, R, 2, true>, grid, threads, 0, stream, c);
-        else launch_kernel(gemv_kernel<BITS, R, 2, false>, grid, threads, 0, stream, c);
-    }
+    if (c.batch <= 8) launch_kernel(gemv_kernel<BITS, R, 1, warps_for<R>()>, grid, threads, 0, stream, c);
+    else launch_kernel(gemv_kernel<BITS, R, 2, warps_for<R>()>, grid, threads, 0, stream, c);
     PUMICE_CUDA_CHECK_LAUNCH("gemv");
 }
 
