@@ -414,7 +414,10 @@ def main() -> None:
         return
 
     for kind in args.kinds.split(","):
-        parse_kind(kind)  # a bad name fails here, before anything is written or measured
+        try:  # a bad name fails here, before anything is written or measured
+            parse_kind(kind)
+        except ValueError as err:
+            ap.error(str(err))
     import torch
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

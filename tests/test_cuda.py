@@ -286,7 +286,7 @@ def test_bad_device_index_is_a_device_error(tiny_models):
 
 # ---- kinds without a GPU layout (held as f16 after a host dequantization) -------------------
 
-def test_bcq_tensors_run_through_the_f16_fallback(tmp_path):
+def test_bcq_tensors_on_the_gpu_match_the_reader(tmp_path):
     from pumice.format.kind_bcq import pack_bcq
     rng = np.random.default_rng(77)
     path = tmp_path / "bcq.pumice"
