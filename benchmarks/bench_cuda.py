@@ -10,9 +10,11 @@ benchmarks/random_kinds.py): rtn<b>g<g> (rtn2g64), bcq<q>g<g> (bcq2g128, bcq3g12
 binary planes), caldera<b>r<rank> (caldera2r64: Q rtn b-bit g64 + rank-k L·R, 4-bit factors,
 Hadamard basis). The measurements:
 
-- pumice: decode tokens/s at batch 1, 4 and 16 (greedy, logits copied to the host every step),
+- pumice: decode tokens/s at batch 1, 4 and 16 (greedy, picked on the device: only ids copied),
   prefill tokens/s of a 2048-token prompt, decode at 2048 context, peak GPU memory, and a kernel
-  profile of one batch-1 decode step (per-kernel time; GEMV bandwidth = weight bytes / GEMV time);
+  profile of one batch-1 decode step (per-kernel time), and batch-1 / batch-16 step times under
+  each runtime setting (PDL, fused RMSNorm, the GEMVs alone: GEMV bandwidth = linear weight bytes
+  / time of a step of the GEMVs alone, `PUMICE_CUDA_STEP=gemv`), one matrix kind at a time;
 - transformers fp16 (`generate`, same shapes) as the baseline.
 
 Also measured: device-to-device copy bandwidth (bytes read + written), which sets each decode
@@ -191,6 +193,24 @@ for _part in GEMV_PARTS:
     STEP_VARIANTS[f"default:{_part}"] = {"PUMICE_CUDA_STEP": f"gemv:{_part}"}
 
 
+class _env:
+    """Sets environment variables for a block, then restores them."""
+
+    def __init__(self, env: dict):
+        self.env = env
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def step_variants(model, vocab: int, steps: int) -> dict:
     """Batch-1 decode step time (ms, no logits copied) at ~48 tokens of context per setting."""
     rng = np.random.default_rng(2)
@@ -198,9 +218,7 @@ def step_variants(model, vocab: int, steps: int) -> dict:
     s.forward(rng.integers(0, vocab, 32).tolist())
     out = {}
     for name, env in STEP_VARIANTS.items():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with _env(env):
             times = []
             for _ in range(3):
                 s.truncate(32)
@@ -211,19 +229,43 @@ def step_variants(model, vocab: int, steps: int) -> dict:
                     s.forward([3], return_logits=False)
                 times.append((time.perf_counter() - t) / steps)
             out[name] = float(np.median(times)) * 1e3
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     s.close()
+    return out
+
+
+def batch16_variants(model, vocab: int, steps: int) -> dict:
+    """Batch-16 step time (ms; greedy on the device, only ids copied) per main setting."""
+    from pumice.runtime.native import NativeSampling, decode_batch_sample
+    rng = np.random.default_rng(3)
+    sessions = [model.new_session(N_CTX) for _ in range(16)]
+    for si in sessions:
+        si.forward(rng.integers(0, vocab, 32).tolist())
+    greedy = [NativeSampling(temperature=0.0)] * 16
+    out = {}
+    for name, env in STEP_VARIANTS.items():
+        if ":" in name or name.startswith("gemv_only_"):
+            continue
+        with _env(env):
+            times = []
+            for _ in range(3):
+                for si in sessions:
+                    si.truncate(32)
+                toks = [3] * 16
+                for _ in range(3):
+                    toks = decode_batch_sample(sessions, toks, greedy)
+                t = time.perf_counter()
+                for _ in range(steps):
+                    toks = decode_batch_sample(sessions, toks, greedy)
+                times.append((time.perf_counter() - t) / steps)
+            out[name] = float(np.median(times)) * 1e3
+    for si in sessions:
+        si.close()
     return out
 
 
 def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quick: bool) -> dict:
     import torch
-    from pumice.runtime.native import NativeModel, decode_batch
+    from pumice.runtime.native import NativeModel, NativeSampling, decode_batch_sample
     torch.cuda.init()
     c = full_config(SHAPES[shape_name])
     base = gpu_used_bytes()
@@ -241,12 +283,15 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     sample()
     n_steps = 32 if quick else 128
 
+    # Greedy, picked on the device: only token ids cross to the host (as in the server, and as
+    # transformers' generate, whose argmax also runs on the GPU).
+    greedy = NativeSampling(temperature=0.0)
+
     def greedy_decode(session, first: int, steps: int) -> float:
         tok = first
         t = time.perf_counter()
         for _ in range(steps):
-            logits = session.forward([tok])
-            tok = int(np.argmax(logits))
+            tok = session.forward_sample([tok], greedy)
         return (time.perf_counter() - t) / steps
 
     # batch 1
@@ -259,6 +304,7 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     res["profile_b1"] = kernel_profile(s)
     s.close()
     res["step_variants_ms"] = step_variants(model, c["vocab_size"], 16 if quick else 32)
+    res["batch16_variants_ms"] = batch16_variants(model, c["vocab_size"], 8 if quick else 16)
     # batch 4, 16
     for b in (4, 16):
         sessions = []
@@ -268,13 +314,11 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
             sessions.append(si)
         toks = [3] * b
         for _ in range(4):
-            logits = decode_batch(sessions, toks)
-            toks = np.argmax(logits, axis=1).tolist()
+            toks = decode_batch_sample(sessions, toks, [greedy] * b)
         t = time.perf_counter()
         steps = n_steps // 2
         for _ in range(steps):
-            logits = decode_batch(sessions, toks)
-            toks = np.argmax(logits, axis=1).tolist()
+            toks = decode_batch_sample(sessions, toks, [greedy] * b)
         dt = (time.perf_counter() - t) / steps
         sample()
         res["decode"][str(b)] = {"step_ms": dt * 1e3, "tok_s": b / dt, "context": 32 + 4 + steps // 2}
@@ -514,6 +558,16 @@ def print_table(results: dict) -> None:
                 continue
             v, x = r["step_variants_ms"], r["step_variants_over_floor"]
             print(f"| {shape} | {kind} | " + " | ".join(f"{v[n]:.3f} ({x[n]:.2f}x)" for n in names) + " |")
+    print("\nbatch-16 step (ms; greedy sampled on the device) by setting:")
+    b16names = [n for n in STEP_VARIANTS if ":" not in n and not n.startswith("gemv_only_")]
+    print("| model | kind | " + " | ".join(b16names) + " |")
+    print("|---|---|" + "---|" * len(b16names))
+    for shape, entry in results["models"].items():
+        for kind, r in entry["kinds"].items():
+            if "error" in r or "batch16_variants_ms" not in r:
+                continue
+            v = r["batch16_variants_ms"]
+            print(f"| {shape} | {kind} | " + " | ".join(f"{v[n]:.3f}" for n in b16names) + " |")
     print("\none matrix per layer alone (us per launch, GB/s of its weights), per GEMV mode:")
     print("| model | kind | mode | " + " | ".join(GEMV_PARTS) + " |")
     print("|---|---|---|" + "---|" * len(GEMV_PARTS))

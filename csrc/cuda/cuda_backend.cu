@@ -68,6 +68,10 @@ int gemv_only_step() {
     if (m == "gemv:head") return PART_HEAD;
     return 0;
 }
+// PDL and the fused RMSNorm pay at up to 8 columns (latency-bound steps); at 9-16 columns
+// both measured slower (the consumers' re-reading of the norm partials, blocks waiting early).
+constexpr int kMaxColsForLatencyTricks = 8;
+
 // The settings a captured step depends on (a graph is kept per column count and settings).
 int step_variant(int n_cols) {
     return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) | (gemv_only_step() << 13);
@@ -522,7 +526,8 @@ void CudaBackend::enqueue_step(int n) {
     // Fused RMSNorm: the O and down epilogues write half(resid * next norm weight) and partial
     // sums of squares; the QKV, gate/up and head GEMVs scale their dot products. Layer 0's input
     // norm follows the embedding as its own kernel.
-    const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0;
+    const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0 && n <= kMaxColsForLatencyTricks;
+    const PdlOff no_pdl(n > kMaxColsForLatencyTricks);
     const int parts = gemv_only_step();
     const bool gemv_only = parts != 0;
     auto keep = [&](int part) { return !gemv_only || (parts & part); };

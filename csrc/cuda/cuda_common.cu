@@ -15,6 +15,13 @@ void throw_cuda_error(cudaError_t err, const char *what, const char *file, int l
     throw DeviceError(msg);
 }
 
+namespace {
+thread_local bool pdl_off_here = false;
+}
+
+PdlOff::PdlOff(bool off) : previous_(pdl_off_here) { pdl_off_here = pdl_off_here || off; }
+PdlOff::~PdlOff() { pdl_off_here = previous_; }
+
 bool pdl_enabled() {
     // The attribute needs compute capability 9.0; PUMICE_PDL=0 turns it off (comparisons).
     static thread_local int cached_device = -1;
@@ -34,7 +41,7 @@ bool pdl_enabled() {
         cached_device = device;
     }
     const char *env = std::getenv("PUMICE_PDL");
-    return capable && !(env && std::string(env) == "0");
+    return capable && !pdl_off_here && !(env && std::string(env) == "0");
 }
 
 void DeviceBuffer::allocate(size_t bytes, const char *what) {

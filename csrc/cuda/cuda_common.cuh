@@ -92,6 +92,18 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 
 // Whether launches on the current device carry the programmatic-serialization attribute.
 bool pdl_enabled();
+// Turns PDL off for this thread's launches while it lives (the decode step at 9-16 columns,
+// where it measured slower: its kernels are throughput-, not latency-bound).
+class PdlOff {
+public:
+    explicit PdlOff(bool off);
+    ~PdlOff();
+    PdlOff(const PdlOff &) = delete;
+    PdlOff &operator=(const PdlOff &) = delete;
+
+private:
+    bool previous_;
+};
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when enabled.
 template <class... Params, class... Args>
