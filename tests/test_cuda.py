@@ -21,30 +21,16 @@ import torch
 
 from pumice.format.packing import pack_codes
 from pumice.format.writer import PumiceWriter
-from pumice.runtime.native import (ContextFullError, NativeModel, OutOfMemoryError, PumiceError,
-                                   decode_batch, load_library)
+from pumice.runtime.native import ContextFullError, NativeModel, OutOfMemoryError, PumiceError, decode_batch
 
 from tiny_model import quantize_rtn, reference_logits, relative_error, write_tiny_llama
+
+from cuda_support import skip_module_without_cuda
 
 pytestmark = pytest.mark.cuda
 
 
-def _cuda_available() -> str | None:
-    try:
-        load_library("cuda")
-    except Exception as exc:  # library missing: CPU-only build
-        return f"no libpumice_cuda ({exc})"
-    try:
-        if not torch.cuda.is_available():
-            return "no CUDA GPU"
-    except Exception as exc:
-        return f"no CUDA GPU ({exc})"
-    return None
-
-
-_SKIP = _cuda_available()
-if _SKIP:
-    pytest.skip(_SKIP, allow_module_level=True)
+skip_module_without_cuda()
 
 # head_dim 64 (the CUDA attention supports 64 and 128), 2 query heads per KV head,
 # intermediate and vocab not multiples of 16.

@@ -24,30 +24,17 @@ import torch
 
 from pumice.format.kind_bcq import bcq_reconstruct, pack_bcq
 from pumice.format.writer import PumiceWriter
-from pumice.runtime.native import NativeModel, PumiceFormatError, decode_batch, load_library
+from pumice.runtime.native import NativeModel, PumiceFormatError, decode_batch
 
 from bcq_gpu_model import random_bcq
 from tiny_model import reference_logits, relative_error, tensor_names, tiny_config, tiny_metadata
 
+from cuda_support import skip_module_without_cuda
+
 pytestmark = pytest.mark.cuda
 
 
-def _cuda_available() -> str | None:
-    try:
-        load_library("cuda")
-    except Exception as exc:  # library missing: CPU-only build
-        return f"no libpumice_cuda ({exc})"
-    try:
-        if not torch.cuda.is_available():
-            return "no CUDA GPU"
-    except Exception as exc:
-        return f"no CUDA GPU ({exc})"
-    return None
-
-
-_SKIP = _cuda_available()
-if _SKIP:
-    pytest.skip(_SKIP, allow_module_level=True)
+skip_module_without_cuda()
 
 
 # ---- the decode kernel on single tensors ----------------------------------------------------

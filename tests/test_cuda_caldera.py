@@ -22,31 +22,18 @@ import numpy as np
 import pytest
 import torch
 
-from pumice.runtime.native import NativeModel, load_library
+from pumice.runtime.native import NativeModel
 
 from caldera_tensors import (BIG_CASE, KERNEL_CASES, factored_apply, file_weights, write_caldera_llama,
                              write_tensors)
 from tiny_model import reference_logits, relative_error
 
+from cuda_support import skip_module_without_cuda
+
 pytestmark = pytest.mark.cuda
 
 
-def _cuda_available() -> str | None:
-    try:
-        load_library("cuda")
-    except Exception as exc:  # library missing: CPU-only build
-        return f"no libpumice_cuda ({exc})"
-    try:
-        if not torch.cuda.is_available():
-            return "no CUDA GPU"
-    except Exception as exc:
-        return f"no CUDA GPU ({exc})"
-    return None
-
-
-_SKIP = _cuda_available()
-if _SKIP:
-    pytest.skip(_SKIP, allow_module_level=True)
+skip_module_without_cuda()
 
 LINEAR_TOL = 5e-3
 MODEL_TOL = 2e-2

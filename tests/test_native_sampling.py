@@ -20,6 +20,7 @@ from pumice.runtime import sampling as sampling_module
 from pumice.runtime.native import (InvalidArgumentError, NativeModel, NativeSampling, decode_batch_sample,
                                    load_library)
 
+from cuda_support import cuda_unavailable_reason
 from tiny_model import write_tiny_llama
 
 M32 = 0xFFFFFFFF
@@ -404,18 +405,6 @@ def test_engine_batches_reproduce_a_seed(generator_file):
 # ---- CUDA: the device kernel picks the host's tokens ------------------------------------------
 
 
-def _cuda_skip() -> str | None:
-    try:
-        load_library("cuda")
-    except Exception as exc:
-        return f"no libpumice_cuda ({exc})"
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            return "no CUDA GPU"
-    except Exception as exc:
-        return f"no CUDA GPU ({exc})"
-    return None
 
 
 # head_dim 64 (the CUDA attention's), a vocabulary above the kernel's 4096 candidates so that
@@ -426,7 +415,7 @@ CUDA_SAMPLING_TINY = dict(hidden_size=256, num_attention_heads=4, num_key_value_
 
 @pytest.fixture(scope="module")
 def cuda_pair(tmp_path_factory):
-    reason = _cuda_skip()
+    reason = cuda_unavailable_reason()
     if reason:
         pytest.skip(reason)
     path = tmp_path_factory.mktemp("native-sampling-cuda") / "tiny.pumice"
