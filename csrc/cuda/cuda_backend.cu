@@ -182,6 +182,10 @@ private:
                      int32_t *out);
 
     GemvCall gemv_call(const LinearSlot &slot, const __half *x, int64_t ldx, int batch) const;
+    // The epilogues of a layer's launches (decode step and prefill alike).
+    Epilogue qkv_epilogue(const Layer &L, int layer, const StepColumn *cols, __half *q) const;
+    Epilogue residual_epilogue(float *resid, const DeviceBuffer &bias) const;
+    Epilogue swiglu_epilogue(__half *act, const DeviceBuffer &bias) const;
     int attention_splits(int n_cols) const;
 
     LlamaConfig cfg_;
@@ -493,6 +497,41 @@ GemvCall CudaBackend::gemv_call(const LinearSlot &slot, const __half *x, int64_t
     return c;
 }
 
+Epilogue CudaBackend::qkv_epilogue(const Layer &L, int layer, const StepColumn *cols, __half *q) const {
+    Epilogue e;
+    e.mode = EPI_QKV;
+    e.out_h = q;
+    e.ldo = qs_;
+    e.bias = L.qkv_bias.as<float>();
+    e.q_rows = q_rows_;
+    e.kv_rows = kv_rows_;
+    e.head_dim = cfg_.head_dim;
+    e.n_kv_heads = cfg_.num_kv_heads;
+    e.layer = layer;
+    e.inv_freq = inv_freq_.as<float>();
+    e.cols = cols;
+    return e;
+}
+
+Epilogue CudaBackend::residual_epilogue(float *resid, const DeviceBuffer &bias) const {
+    Epilogue e;
+    e.mode = EPI_ADD;
+    e.out_f32 = resid;
+    e.ldo = hs_;
+    e.bias = bias.as<float>();
+    return e;
+}
+
+Epilogue CudaBackend::swiglu_epilogue(__half *act, const DeviceBuffer &bias) const {
+    Epilogue e;
+    e.mode = EPI_SWIGLU;
+    e.n_rows = cfg_.intermediate_size;
+    e.out_h = act;
+    e.ldo = is_;
+    e.bias = bias.as<float>();
+    return e;
+}
+
 int CudaBackend::attention_splits(int n_cols) const {
     const int blocks = n_cols * cfg_.num_kv_heads;
     // About six blocks per SM once the context is long; short contexts leave most splits idle
@@ -553,18 +592,7 @@ void CudaBackend::enqueue_step(int n) {
         if ((l == 0 || !fuse_norm) && !gemv_only)
             launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
-        Epilogue qkv;
-        qkv.mode = EPI_QKV;
-        qkv.out_h = q_.as<__half>();
-        qkv.ldo = qs_;
-        qkv.bias = L.qkv_bias.as<float>();
-        qkv.q_rows = q_rows_;
-        qkv.kv_rows = kv_rows_;
-        qkv.head_dim = c.head_dim;
-        qkv.n_kv_heads = c.num_kv_heads;
-        qkv.layer = l;
-        qkv.inv_freq = inv_freq_.as<float>();
-        qkv.cols = cols;
+        Epilogue qkv = qkv_epilogue(L, l, cols, q_.as<__half>());
         if (l > 0) consume_norm(qkv, layers_[l - 1].down);
         if (keep(PART_QKV)) step_linear(L.qkv, xn, hs_, n, qkv, 1);
 
@@ -585,30 +613,18 @@ void CudaBackend::enqueue_step(int n) {
         at.counters = att_counters_.as<int>();
         if (!gemv_only) launch_attention_decode(at, stream_);
 
-        Epilogue o;
-        o.mode = EPI_ADD;
-        o.out_f32 = resid;
-        o.ldo = hs_;
-        o.bias = L.o_bias.as<float>();
+        Epilogue o = residual_epilogue(resid, L.o_bias);
         produce_norm(o, L.mlp_norm);
         if (keep(PART_O)) step_linear(L.o, attn_.as<__half>(), qs_, n, o, 1);
 
         if (!fuse_norm && !gemv_only)
             launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
-        Epilogue gu;
-        gu.mode = EPI_SWIGLU;
-        gu.out_h = act_.as<__half>();
-        gu.ldo = is_;
-        gu.bias = L.gate_up_bias.as<float>();
+        Epilogue gu = swiglu_epilogue(act_.as<__half>(), L.gate_up_bias);
         consume_norm(gu, L.o);
         if (keep(PART_GU)) step_linear(L.gate_up, xn, hs_, n, gu, 2);
 
-        Epilogue dn;
-        dn.mode = EPI_ADD;
-        dn.out_f32 = resid;
-        dn.ldo = hs_;
-        dn.bias = L.down_bias.as<float>();
+        Epilogue dn = residual_epilogue(resid, L.down_bias);
         produce_norm(dn, l + 1 < c.num_layers ? layers_[l + 1].attn_norm : final_norm_);
         if (keep(PART_DOWN)) step_linear(L.down, act_.as<__half>(), is_, n, dn, 1);
     }
@@ -800,19 +816,8 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
 
         int64_t ldy = L.qkv.n_tiles * 16;
         gemm_linear(L.qkv, xn, hs_, n, y, ldy);
-        Epilogue e;
-        e.mode = EPI_QKV;
+        Epilogue e = qkv_epilogue(L, l, cols, pw_.q.as<__half>());
         e.n_rows = L.qkv.n_rows;
-        e.out_h = pw_.q.as<__half>();
-        e.ldo = qs_;
-        e.bias = L.qkv_bias.as<float>();
-        e.q_rows = q_rows_;
-        e.kv_rows = kv_rows_;
-        e.head_dim = D;
-        e.n_kv_heads = c.num_kv_heads;
-        e.layer = l;
-        e.inv_freq = inv_freq_.as<float>();
-        e.cols = cols;
         launch_epilogue(e, L.qkv.n_tiles, 1, y, ldy, n, stream_);
 
         void *const *dp = pw_.ptrs.as<void *>() + l * lstride;
@@ -825,33 +830,20 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
 
         ldy = L.o.n_tiles * 16;
         gemm_linear(L.o, pw_.attn.as<__half>(), qs_, n, y, ldy);
-        Epilogue eo;
-        eo.mode = EPI_ADD;
+        Epilogue eo = residual_epilogue(resid, L.o_bias);
         eo.n_rows = L.o.n_rows;
-        eo.out_f32 = resid;
-        eo.ldo = hs_;
-        eo.bias = L.o_bias.as<float>();
         launch_epilogue(eo, L.o.n_tiles, 1, y, ldy, n, stream_);
 
         launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
         ldy = L.gate_up.n_tiles * 16;
         gemm_linear(L.gate_up, xn, hs_, n, y, ldy);
-        Epilogue eg;
-        eg.mode = EPI_SWIGLU;
-        eg.n_rows = c.intermediate_size;
-        eg.out_h = pw_.act.as<__half>();
-        eg.ldo = is_;
-        eg.bias = L.gate_up_bias.as<float>();
+        const Epilogue eg = swiglu_epilogue(pw_.act.as<__half>(), L.gate_up_bias);
         launch_epilogue(eg, L.gate_up.n_tiles, 2, y, ldy, n, stream_);
 
         ldy = L.down.n_tiles * 16;
         gemm_linear(L.down, pw_.act.as<__half>(), is_, n, y, ldy);
-        Epilogue ed;
-        ed.mode = EPI_ADD;
+        Epilogue ed = residual_epilogue(resid, L.down_bias);
         ed.n_rows = L.down.n_rows;
-        ed.out_f32 = resid;
-        ed.ldo = hs_;
-        ed.bias = L.down_bias.as<float>();
         launch_epilogue(ed, L.down.n_tiles, 1, y, ldy, n, stream_);
     }
     // The next chunk rewrites the pinned column and pointer arrays: let this one's uploads finish.
