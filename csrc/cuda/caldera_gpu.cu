@@ -222,7 +222,8 @@ public:
         const __half *xin = x;
         int64_t ldin = ldx;
         if (hadamard_) {
-            launch_hadamard_forward_f16(t_in_.view(), x, ldx, xr_.as<__half>(), ldx_, ldx_, n_cols, stream);
+            launch_hadamard_forward_f16(t_in_.view(), x, ldx, xr_.as<__half>(), ldx_, ldx_, n_cols, num_sms_,
+                                        stream);
             xin = xr_.as<__half>();
             ldin = ldx_;
         }
@@ -240,7 +241,7 @@ public:
             gemv(*l_, n_, t_.as<__half>(), ldt_, n_cols, written ? EPI_ADD : EPI_F32, y, nullptr, ldy_, stream);
         }
         if (hadamard_) {
-            launch_hadamard_inverse_mapped(t_out_.view(), y, ldy_, out, ldo, map, n_cols, stream);
+            launch_hadamard_inverse_mapped(t_out_.view(), y, ldy_, out, ldo, map, n_cols, num_sms_, stream);
         } else {
             dim3 grid(static_cast<unsigned>(ceil_div(n_, 256)), static_cast<unsigned>(n_cols));
             map_rows_kernel<<<grid, 256, 0, stream>>>(y, ldy_, n_, out, ldo, map);
