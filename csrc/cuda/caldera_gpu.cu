@@ -6,11 +6,11 @@
 // form when it has one, anything else dequantized on the host to f16 tiles by load_fused.
 //
 // Decode (apply, 1..16 columns), five launches:
-//     x' = T_in x                    one block per column, f32 in shared memory, f16 out
+//     x' = T_in x                    split over many blocks per column (hadamard_gpu.cu), f16 out
 //     y' = Q x'                      tiled GEMV, f32 rows into a scratch held by this tensor
 //     t  = R x'                      tiled GEMV, f16 out (the next GEMV's operand)
 //     y' += L t                      tiled GEMV, residual-add epilogue into the same scratch
-//     out[map(r)] = (T_outᵀ y')[r]   one block per column, f32 out at the group's stored rows
+//     out[map(r)] = (T_outᵀ y')[r]   split the same way, f32 out at the group's stored rows
 // Prefill (dequantize_f16): Q, L, R to f16; M = Q + L R in f32; every row of M gets T_inᵀ (so M
 // becomes M T_in); M is transposed and every row of Mᵀ (a column of M) gets T_outᵀ; Mᵀ is
 // transposed back into f16 rows at map(r).

@@ -8,6 +8,8 @@
 // (forward), log2(P) butterfly stages over the m contiguous blocks of P, then the C_m mix, whose
 // output goes straight to global memory — so the mix needs no second buffer, and a vector can be
 // transformed in place. Vectors are independent: a launch takes any number of them.
+// That kernel serves prefill (many vectors); decode (1..16 vectors) uses a split kernel that
+// spreads each vector over many blocks through T = (C_m ⊗ H_P1 ⊗ H_P2) (hadamard_gpu.cu).
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
