@@ -6,11 +6,11 @@
 // form when it has one, anything else dequantized on the host to f16 tiles by load_fused.
 //
 // Decode (apply, 1..16 columns), five launches:
-//     x' = T_in x                    one block per column, f32 in shared memory, f16 out
+//     x' = T_in x                    split over many blocks per column (hadamard_gpu.cu), f16 out
 //     y' = Q x'                      tiled GEMV, f32 rows into a scratch held by this tensor
 //     t  = R x'                      tiled GEMV, f16 out (the next GEMV's operand)
 //     y' += L t                      tiled GEMV, residual-add epilogue into the same scratch
-//     out[map(r)] = (T_outᵀ y')[r]   one block per column, f32 out at the group's stored rows
+//     out[map(r)] = (T_outᵀ y')[r]   split the same way, f32 out at the group's stored rows
 // Prefill (dequantize_f16): Q, L, R to f16; M = Q + L R in f32; every row of M gets T_inᵀ (so M
 // becomes M T_in); M is transposed and every row of Mᵀ (a column of M) gets T_outᵀ; Mᵀ is
 // transposed back into f16 rows at map(r).
@@ -222,7 +222,8 @@ public:
         const __half *xin = x;
         int64_t ldin = ldx;
         if (hadamard_) {
-            launch_hadamard_forward_f16(t_in_.view(), x, ldx, xr_.as<__half>(), ldx_, ldx_, n_cols, stream);
+            launch_hadamard_forward_f16(t_in_.view(), x, ldx, xr_.as<__half>(), ldx_, ldx_, n_cols, num_sms_,
+                                        stream);
             xin = xr_.as<__half>();
             ldin = ldx_;
         }
@@ -240,7 +241,7 @@ public:
             gemv(*l_, n_, t_.as<__half>(), ldt_, n_cols, written ? EPI_ADD : EPI_F32, y, nullptr, ldy_, stream);
         }
         if (hadamard_) {
-            launch_hadamard_inverse_mapped(t_out_.view(), y, ldy_, out, ldo, map, n_cols, stream);
+            launch_hadamard_inverse_mapped(t_out_.view(), y, ldy_, out, ldo, map, n_cols, num_sms_, stream);
         } else {
             dim3 grid(static_cast<unsigned>(ceil_div(n_, 256)), static_cast<unsigned>(n_cols));
             map_rows_kernel<<<grid, 256, 0, stream>>>(y, ldy_, n_, out, ldo, map);

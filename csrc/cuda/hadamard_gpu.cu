@@ -1,6 +1,7 @@
 // hadamard_gpu.cu — see hadamard_gpu.cuh.
 #include "hadamard_gpu.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -92,6 +93,120 @@ __global__ void hadamard_kernel(const HadamardView t, const Load load, const Sto
     for (int64_t i = n + threadIdx.x; i < store.pad_end(); i += blockDim.x) store(v, i, 0.0f);
 }
 
+// ---- the split transform (decode) ---------------------------------------------------------------
+//
+// With P = P1 · P2 (P2 = min(P, 256)) the Sylvester order gives H_P = H_P1 ⊗ H_P2, so
+//     T = (A ⊗ H_P2) / √P · diag(s),   A = C_m ⊗ H_P1   (R × R, R = m · P1),
+// and a vector viewed as X[R][P2] (element i = r · P2 + c, r = q · P1 + p1) transforms row by row:
+//     out row o = H_P2 (Σ_r A[o][r] · (s ∘ X)[r]) / √P           (Tᵀ: Aᵀ, and s after).
+// A block owns RB output rows of one vector: its 256 threads (G = 256 / P2 groups of P2 columns)
+// each sum every G-th input row into RB accumulators, the groups' partials are added in a fixed
+// order in shared memory, and a P2-point FWHT per row finishes the block. So a vector spreads over
+// ceil(R / RB) blocks instead of one, each reading the whole vector once (n / 256 loads a thread)
+// and computing n · RB multiply-adds; A's coefficients are C[j][q] (global, broadcast across the
+// warp) times the sign (−1)^popcount(o1 & p1).
+constexpr int kSplitThreads = 256;
+
+struct SplitShape {
+    int p2 = 1, log2p2 = 0, log2p1 = 0, rows = 1;  // rows = R = m · P1
+};
+
+template <bool INVERSE, int RB, class Load, class Store>
+__global__ void __launch_bounds__(kSplitThreads)
+    hadamard_split_kernel(const HadamardView t, const SplitShape sp, const Load load, const Store store) {
+    __shared__ float red[kSplitThreads * RB];  // partials [group][k][column], then rows [k][column]
+    pdl_launch_dependents();
+    const int64_t v = blockIdx.y;
+    const int m = static_cast<int>(t.m), p2 = sp.p2, lp2 = sp.log2p2, lp1 = sp.log2p1, rows = sp.rows;
+    const int groups = kSplitThreads >> lp2;
+    const int c = threadIdx.x & (p2 - 1), g = threadIdx.x >> lp2;
+    const int o0 = static_cast<int>(blockIdx.x) * RB;
+    int jo[RB], o1[RB];
+#pragma unroll
+    for (int k = 0; k < RB; ++k) {
+        const int o = min(o0 + k, rows - 1);  // rows past the end compute a copy, never stored
+        jo[k] = o >> lp1;
+        o1[k] = o & ((1 << lp1) - 1);
+    }
+    float acc[RB];
+#pragma unroll
+    for (int k = 0; k < RB; ++k) acc[k] = 0.0f;
+    pdl_wait();
+    for (int r = g; r < rows; r += groups) {
+        const int q = r >> lp1, pr = r & ((1 << lp1) - 1);
+        const int i = (r << lp2) + c;
+        float x = load(v, i);
+        if (!INVERSE) x *= sign_of(t.signs, i);
+#pragma unroll
+        for (int k = 0; k < RB; ++k) {
+            float coef = m == 1 ? 1.0f : INVERSE ? t.dct[q * m + jo[k]] : t.dct[jo[k] * m + q];
+            if (__popc(o1[k] & pr) & 1) coef = -coef;
+            acc[k] = fmaf(coef, x, acc[k]);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < RB; ++k) red[(g * RB + k) * p2 + c] = acc[k];
+    __syncthreads();
+    // Group 0's slots [k][c] take the sum over groups, in group order (deterministic).
+    for (int e = threadIdx.x; e < RB * p2; e += kSplitThreads) {
+        const int k = e >> lp2, cc = e & (p2 - 1);
+        float sum = red[e];
+        for (int gg = 1; gg < groups; ++gg) sum += red[(gg * RB + k) * p2 + cc];
+        red[e] = sum;
+    }
+    __syncthreads();
+    // FWHT of every row of P2 (2h divides P2: no pair crosses a row).
+    for (int sh = 0; sh < lp2; ++sh) {
+        const int h = 1 << sh;
+        for (int idx = threadIdx.x; idx < RB * p2 / 2; idx += kSplitThreads) {
+            const int a = ((idx >> sh) << (sh + 1)) + (idx & (h - 1));
+            const float u = red[a], w = red[a + h];
+            red[a] = u + w;
+            red[a + h] = u - w;
+        }
+        __syncthreads();
+    }
+    for (int e = threadIdx.x; e < RB * p2; e += kSplitThreads) {
+        const int o = o0 + (e >> lp2);
+        if (o >= rows) continue;
+        const int i = (o << lp2) + (e & (p2 - 1));
+        float y = red[e] * t.scale;
+        if (INVERSE) y *= sign_of(t.signs, i);
+        store(v, i, y);
+    }
+    if (blockIdx.x == 0)
+        for (int64_t i = t.n + threadIdx.x; i < store.pad_end(); i += kSplitThreads) store(v, i, 0.0f);
+}
+
+SplitShape split_shape(const HadamardView &t) {
+    SplitShape sp;
+    sp.p2 = static_cast<int>(std::min<int64_t>(t.p, kSplitThreads));
+    while ((1 << sp.log2p2) < sp.p2) ++sp.log2p2;
+    const int64_t p1 = t.p / sp.p2;
+    while ((int64_t{1} << sp.log2p1) < p1) ++sp.log2p1;
+    sp.rows = static_cast<int>(t.m * p1);
+    return sp;
+}
+
+// Rows per block: the fewest (least repeated reading of the vector) that still give about two
+// blocks per SM; at batch 1 that is one row per block for every size that matters.
+template <bool INVERSE, class Load, class Store>
+void launch_split(const HadamardView &t, const Load &load, const Store &store, int n_vec, int num_sms,
+                  cudaStream_t stream) {
+    const SplitShape sp = split_shape(t);
+    const int64_t target = 2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
+    int rb = 1;
+    while (rb < 8 && ceil_div(sp.rows, rb) * n_vec > target) rb *= 2;
+    dim3 grid(static_cast<unsigned>(ceil_div(sp.rows, rb)), static_cast<unsigned>(n_vec));
+    switch (rb) {
+        case 1: launch_kernel(hadamard_split_kernel<INVERSE, 1, Load, Store>, grid, dim3(kSplitThreads), 0, stream, t, sp, load, store); break;
+        case 2: launch_kernel(hadamard_split_kernel<INVERSE, 2, Load, Store>, grid, dim3(kSplitThreads), 0, stream, t, sp, load, store); break;
+        case 4: launch_kernel(hadamard_split_kernel<INVERSE, 4, Load, Store>, grid, dim3(kSplitThreads), 0, stream, t, sp, load, store); break;
+        default: launch_kernel(hadamard_split_kernel<INVERSE, 8, Load, Store>, grid, dim3(kSplitThreads), 0, stream, t, sp, load, store); break;
+    }
+    PUMICE_CUDA_CHECK_LAUNCH("hadamard_split");
+}
+
 // The kernel indexes a vector with int and holds it in one block's shared memory.
 void check_length(const HadamardView &t) {
     if (t.n <= 0 || t.n > (1 << 20) || t.m * t.p != t.n || (t.p & (t.p - 1)) != 0)
@@ -157,22 +272,20 @@ void prepare_hadamard_kernels() {
 }
 
 void launch_hadamard_forward_f16(const HadamardView &t, const __half *x, int64_t ldx, __half *out, int64_t ldo,
-                                 int64_t pad_to, int n_vec, cudaStream_t stream) {
+                                 int64_t pad_to, int n_vec, int num_sms, cudaStream_t stream) {
     if (n_vec <= 0) return;
     check_length(t);
     if (pad_to > ldo || t.n > pad_to) throw Error(PUMICE_ERR_INTERNAL, "hadamard: output rows too short");
-    hadamard_kernel<false, LoadF16, StoreF16Padded><<<static_cast<unsigned>(n_vec), threads_for(t.n), hadamard_smem_bytes(t.n), stream>>>(
-        t, LoadF16{x, ldx}, StoreF16Padded{out, ldo, pad_to});
-    PUMICE_CUDA_CHECK_LAUNCH("hadamard_forward_f16");
+    if (n_vec > 65535) throw Error(PUMICE_ERR_INTERNAL, "hadamard: too many vectors for one launch");
+    launch_split<false>(t, LoadF16{x, ldx}, StoreF16Padded{out, ldo, pad_to}, n_vec, num_sms, stream);
 }
 
 void launch_hadamard_inverse_mapped(const HadamardView &t, const float *y, int64_t ldy, float *out, int64_t ldo,
-                                    const RowMap &map, int n_vec, cudaStream_t stream) {
+                                    const RowMap &map, int n_vec, int num_sms, cudaStream_t stream) {
     if (n_vec <= 0) return;
     check_length(t);
-    hadamard_kernel<true, LoadF32, StoreMapped><<<static_cast<unsigned>(n_vec), threads_for(t.n), hadamard_smem_bytes(t.n), stream>>>(
-        t, LoadF32{y, ldy}, StoreMapped{out, ldo, map});
-    PUMICE_CUDA_CHECK_LAUNCH("hadamard_inverse_mapped");
+    if (n_vec > 65535) throw Error(PUMICE_ERR_INTERNAL, "hadamard: too many vectors for one launch");
+    launch_split<true>(t, LoadF32{y, ldy}, StoreMapped{out, ldo, map}, n_vec, num_sms, stream);
 }
 
 void launch_hadamard_inverse_rows(const HadamardView &t, float *rows, int64_t ld, int64_t n_vec, cudaStream_t stream) {

@@ -8,6 +8,8 @@
 // (forward), log2(P) butterfly stages over the m contiguous blocks of P, then the C_m mix, whose
 // output goes straight to global memory — so the mix needs no second buffer, and a vector can be
 // transformed in place. Vectors are independent: a launch takes any number of them.
+// That kernel serves prefill (many vectors); decode (1..16 vectors) uses a split kernel that
+// spreads each vector over many blocks through T = (C_m ⊗ H_P1 ⊗ H_P2) (hadamard_gpu.cu).
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -53,10 +55,10 @@ void prepare_hadamard_kernels();
 // x'[v][i] = (T x_v)[i] for v < n_vec, i < n, and x'[v][i] = 0 for n <= i < pad_to (the GEMV
 // reads up to its padded width). f16 in and out, f32 inside.
 void launch_hadamard_forward_f16(const HadamardView &t, const __half *x, int64_t ldx, __half *out, int64_t ldo,
-                                 int64_t pad_to, int n_vec, cudaStream_t stream);
+                                 int64_t pad_to, int n_vec, int num_sms, cudaStream_t stream);
 // out[v * ldo + map(r)] = (Tᵀ y_v)[r] for r < n (the decode output of a DeviceLinear).
 void launch_hadamard_inverse_mapped(const HadamardView &t, const float *y, int64_t ldy, float *out, int64_t ldo,
-                                    const RowMap &map, int n_vec, cudaStream_t stream);
+                                    const RowMap &map, int n_vec, int num_sms, cudaStream_t stream);
 // rows[v][0..n) = Tᵀ rows[v][0..n), in place, rows ld floats apart (prefill: one axis of W).
 void launch_hadamard_inverse_rows(const HadamardView &t, float *rows, int64_t ld, int64_t n_vec, cudaStream_t stream);
 
