@@ -8,9 +8,7 @@
 // uint4 has its exponents, one byte per segment of gcd(g, 128) inputs, at the same index in a
 // byte array. Row scales are f32.
 //
-// Decode kernels, y = W x for 1..16 columns. lut_gemm_fast_kernel (q <= 4, segments of >= 32
-// inputs; described where it is defined) is the one normally used; the kernel described here is
-// the fallback for the other layouts:
+// Decode kernel, y = W x for 1..16 columns:
 //   block = one row tile x NC columns (grid.y covers the batch NC columns at a time), 4 warps.
 //   Lane L of warp w owns row L % 16 and slot s = 2w + L / 16. A slab is 8 consecutive units
 //   (1024 inputs); slot s takes unit 8·slab + s. Per slab:
@@ -236,215 +234,6 @@ template <int SPU> void launch_lut_spu(const LutArgs &a, cudaStream_t stream) {
     else launch_lut<2, SPU>(a, stream);
 }
 
-// ---- the decode kernel for up to 4 planes and segments of >= 32 inputs (docs/BCQ.md "CUDA") ----
-//
-// block = one row tile x NC columns (NC = 1, 2, 4, 8, 16), 8 warps = 16 slots (half-warps).
-// A slab is 16 units (2048 inputs); slot s takes unit 16·slab + s. Each lane's Q plane words and
-// exponents of a slab are loaded once into registers (the weights are read once for all NC
-// columns) and the next slab's are loaded while this slab's look-ups run. Tables hold G =
-// min(NC, 2) columns at a time: the block walks NC / G column groups per slab, building that
-// group's tables (4 threads per table, one 16-byte store each: conflict-free) and looking them
-// up with the weights already in registers. Every column's arithmetic is the same for every NC
-// (same slots, same order), so results do not depend on the batch size.
-constexpr int kFastWarps = 8;
-constexpr int kFastThreads = kFastWarps * 32;
-constexpr int kFastSlots = 2 * kFastWarps;
-constexpr int kFastMaxPlanes = 4;
-constexpr int kFastMaxSpu = 4;
-
-template <int NC> __host__ __device__ constexpr int fast_group() { return NC < 2 ? NC : 2; }
-// Floats per slot: 16 entries per chunk and group column, plus 16 so that the two half-warps of
-// a warp (slots 2w, 2w + 1) read opposite halves of the 32 banks.
-template <int G> __host__ __device__ constexpr int fast_slot_stride() { return kChunks * G * 16 + 16; }
-template <int NC> constexpr size_t fast_table_bytes() {
-    return sizeof(float) * kFastSlots * fast_slot_stride<fast_group<NC>()>();
-}
-
-template <int Q, int SPU> struct SlabWeights {
-    uint4 bits[Q];
-    ExpBytes<SPU> ex[Q];
-};
-
-template <int Q, int SPU>
-__device__ __forceinline__ void load_slab(const LutArgs &a, int64_t tile, int64_t unit, int row,
-                                          SlabWeights<Q, SPU> &w) {
-    const Layout &l = a.layout;
-#pragma unroll
-    for (int p = 0; p < Q; ++p) {
-        if (unit < l.units) {
-            const int64_t i = l.word(tile, unit, p, row);
-            w.bits[p] = __ldg(a.planes + i);
-            w.ex[p] = load_exps<SPU>(a.exps + i * SPU);
-        } else {
-            w.bits[p] = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-            for (int k = 0; k < (SPU + 3) / 4; ++k) w.ex[p].w[k] = 0u;
-        }
-    }
-}
-
-template <int Q, int SPU, int NC>
-__global__ void __launch_bounds__(kFastThreads, 2) lut_gemm_fast_kernel(const LutArgs a) {
-    extern __shared__ float4 lut_smem[];
-    float *table = reinterpret_cast<float *>(lut_smem);
-    constexpr int G = fast_group<NC>();
-    constexpr int kGroups = NC / G;
-    constexpr int kStride = fast_slot_stride<G>();
-    constexpr int kChunksPerSeg = kChunks / SPU;
-    static_assert(kFastSlots * NC * kTileRows <= kFastSlots * kStride, "reduction fits in the tables");
-
-    const Layout &l = a.layout;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int row = lane % kTileRows, slot = 2 * warp + lane / kTileRows;
-    const int64_t tile = blockIdx.x;
-    const int col0 = static_cast<int>(blockIdx.y) * NC;
-    const int64_t n_slabs = (l.units + kFastSlots - 1) / kFastSlots;
-
-    float acc[NC];
-#pragma unroll
-    for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
-
-    SlabWeights<Q, SPU> cur, nxt;
-    load_slab<Q, SPU>(a, tile, slot, row, cur);
-    load_slab<Q, SPU>(a, tile, l.units, row, nxt);  // zeros; replaced before use
-
-    for (int64_t slab = 0; slab < n_slabs; ++slab) {
-        const int64_t unit = slab * kFastSlots + slot;
-#pragma unroll
-        for (int gi = 0; gi < kGroups; ++gi) {
-            if (col0 + gi * G >= a.n_cols) continue;  // block-uniform: no column of this group exists
-
-            // Tables of group gi: slot s, chunk j, group column c at table[s·kStride + (j·G + c)·16],
-            // entries 4h..4h+3 written by one thread. Columns past n_cols get zero tables.
-            for (int t = tid; t < kFastSlots * kChunks * G * 4; t += kFastThreads) {
-                const int h = t % 4, c = (t / 4) % G, j = (t / (4 * G)) % kChunks, s = t / (4 * G * kChunks);
-                const int64_t u = slab * kFastSlots + s;
-                if (u >= l.units) continue;  // never looked up
-                const int col = col0 + gi * G + c;
-                float x0 = 0.0f, x1 = 0.0f, x2 = 0.0f, x3 = 0.0f;
-                if (col < a.n_cols) {
-                    const __half *xp = a.x + col * a.ldx + u * kUnit + 4 * j;
-                    x0 = __half2float(xp[0]);
-                    x1 = __half2float(xp[1]);
-                    x2 = __half2float(xp[2]);
-                    x3 = __half2float(xp[3]);
-                }
-                // Entry m = 4h + i: pair sum i of (x0, x1) plus pair sum h of (x2, x3).
-                const float p23 = ((h & 1) ? x2 : -x2) + ((h & 2) ? x3 : -x3);
-                reinterpret_cast<float4 *>(table + s * kStride + (j * G + c) * 16)[h] =
-                    make_float4((-x0 - x1) + p23, (x0 - x1) + p23, (x1 - x0) + p23, (x0 + x1) + p23);
-            }
-            __syncthreads();
-
-            // The next slab's weights fly while this group is looked up.
-            if (gi == 0 && slab + 1 < n_slabs) load_slab<Q, SPU>(a, tile, unit + kFastSlots, row, nxt);
-
-            if (unit < l.units) {
-                const float *tb = table + slot * kStride;
-#pragma unroll
-                for (int p = 0; p < Q; ++p) {
-#pragma unroll
-                    for (int s = 0; s < SPU; ++s) {
-                        float sum[G];
-#pragma unroll
-                        for (int c = 0; c < G; ++c) sum[c] = 0.0f;
-#pragma unroll
-                        for (int jj = 0; jj < kChunksPerSeg; ++jj) {
-                            const int j = s * kChunksPerSeg + jj;
-                            const uint32_t nib = (word_of(cur.bits[p], j / 8) >> (4 * (j % 8))) & 15u;
-#pragma unroll
-                            for (int c = 0; c < G; ++c) sum[c] += tb[(j * G + c) * 16 + nib];
-                        }
-                        const int e = cur.ex[p].get(s);
-#pragma unroll
-                        for (int c = 0; c < G; ++c) acc[gi * G + c] += times_pow2(sum[c], e);
-                    }
-                }
-            }
-            __syncthreads();  // the next group or slab overwrites the tables
-        }
-        cur = nxt;
-    }
-
-    // The 16 slots of a row summed in a fixed order, in the (now idle) table memory.
-    float *red = table;  // [slot][NC][16]
-#pragma unroll
-    for (int c = 0; c < NC; ++c) red[(slot * NC + c) * kTileRows + row] = acc[c];
-    __syncthreads();
-    if (tid < NC * kTileRows) {
-        const int c = tid / kTileRows, r = tid % kTileRows;
-        const int col = col0 + c;
-        const int64_t n = tile * kTileRows + r;
-        if (col < a.n_cols && n < l.n) {
-            float y = 0.0f;
-#pragma unroll
-            for (int s = 0; s < kFastSlots; ++s) y += red[(s * NC + c) * kTileRows + r];
-            a.out[col * a.ldo + a.map(n)] = y * a.scales[n];
-        }
-    }
-}
-
-template <int Q, int SPU, int NC> void launch_fast(const LutArgs &a, cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>(a.layout.tiles), static_cast<unsigned>((a.n_cols + NC - 1) / NC));
-    lut_gemm_fast_kernel<Q, SPU, NC><<<grid, kFastThreads, fast_table_bytes<NC>(), stream>>>(a);
-}
-
-// The smallest column count that holds the batch: the weights are read once per 16 columns.
-template <int Q, int SPU> void launch_fast_cols(const LutArgs &a, cudaStream_t stream) {
-    if (a.n_cols == 1) launch_fast<Q, SPU, 1>(a, stream);
-    else if (a.n_cols == 2) launch_fast<Q, SPU, 2>(a, stream);
-    else if (a.n_cols <= 4) launch_fast<Q, SPU, 4>(a, stream);
-    else if (a.n_cols <= 8) launch_fast<Q, SPU, 8>(a, stream);
-    else launch_fast<Q, SPU, 16>(a, stream);
-}
-
-// Tables above 48 KB need the opt-in, set once at load (never during graph capture).
-template <int Q, int SPU> void configure_fast() {
-    auto allow = [](const void *kernel, size_t bytes) {
-        if (bytes > 48 * 1024)
-            PUMICE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(bytes)));
-    };
-    allow(reinterpret_cast<const void *>(&lut_gemm_fast_kernel<Q, SPU, 1>), fast_table_bytes<1>());
-    allow(reinterpret_cast<const void *>(&lut_gemm_fast_kernel<Q, SPU, 2>), fast_table_bytes<2>());
-    allow(reinterpret_cast<const void *>(&lut_gemm_fast_kernel<Q, SPU, 4>), fast_table_bytes<4>());
-    allow(reinterpret_cast<const void *>(&lut_gemm_fast_kernel<Q, SPU, 8>), fast_table_bytes<8>());
-    allow(reinterpret_cast<const void *>(&lut_gemm_fast_kernel<Q, SPU, 16>), fast_table_bytes<16>());
-}
-
-bool fast_path(const Layout &l) { return l.q >= 1 && l.q <= kFastMaxPlanes && l.spu <= kFastMaxSpu; }
-
-// What runs per (q, spu) on the fast path: f.template run<Q, SPU>().
-struct ConfigureFast {
-    template <int Q, int SPU> void run() const { configure_fast<Q, SPU>(); }
-};
-struct LaunchFast {
-    const LutArgs &a;
-    cudaStream_t stream;
-    template <int Q, int SPU> void run() const { launch_fast_cols<Q, SPU>(a, stream); }
-};
-
-// Calls f.template run<Q, SPU>() for the layout's (q, spu) on the fast path.
-template <class F> void dispatch_fast(const Layout &l, const F &f) {
-#define PUMICE_BCQ_FAST_SPU(Q)                                  \
-    switch (l.spu) {                                            \
-        case 1: f.template run<Q, 1>(); return;                  \
-        case 2: f.template run<Q, 2>(); return;                  \
-        case 4: f.template run<Q, 4>(); return;                  \
-        default: break;                                         \
-    }                                                           \
-    break;
-    switch (l.q) {
-        case 1: PUMICE_BCQ_FAST_SPU(1)
-        case 2: PUMICE_BCQ_FAST_SPU(2)
-        case 3: PUMICE_BCQ_FAST_SPU(3)
-        case 4: PUMICE_BCQ_FAST_SPU(4)
-        default: break;
-    }
-#undef PUMICE_BCQ_FAST_SPU
-    throw Error(PUMICE_ERR_INTERNAL, "bcq linear: no fast LUT kernel for this layout");
-}
-
 // W to f16, 8 inputs per thread: out[map(n) * ldo + k], zero for k >= in_features. Computes each
 // weight exactly as the CPU kind does (rs · 2^e summed over planes in order, in f32).
 __global__ void dequantize_f16_kernel(const uint8_t *planes, const int8_t *exps, const float *scales,
@@ -543,7 +332,6 @@ public:
         planes_ = upload(dev_planes, "bcq planes", stream);
         exps_ = upload(dev_exps, "bcq exponents", stream);
         scales_ = upload(dev_scales, "bcq row scales", stream);
-        if (fast_path(l_)) dispatch_fast(l_, ConfigureFast{});
     }
 
     int64_t out_features() const override { return l_.n; }
@@ -570,11 +358,6 @@ public:
         a.out = out;
         a.ldo = ldo;
         a.map = map;
-        if (fast_path(l_)) {
-            dispatch_fast(l_, LaunchFast{a, stream});
-            PUMICE_CUDA_CHECK_LAUNCH("bcq lut gemm");
-            return;
-        }
         switch (l_.spu) {
             case 1: launch_lut_spu<1>(a, stream); break;
             case 2: launch_lut_spu<2>(a, stream); break;
