@@ -26,3 +26,50 @@ def skip_module_without_cuda() -> None:
     reason = cuda_unavailable_reason()
     if reason:
         pytest.skip(reason, allow_module_level=True)
+
+
+# A prompt longer than one 16-column decode step, so the CUDA backend prefills it.
+LONG_PROMPT = [1, 17, 42, 99, 3, 250, 7, 8, 301, 64, 12, 5, 77, 400, 31, 2, 90, 11, 123, 45]
+
+
+def greedy_on(path, device: str, prompt=LONG_PROMPT, steps: int = 12):
+    """Greedy tokens after `prompt`, each step's top-2 margin (relative), and the first logits."""
+    import numpy as np
+    from pumice.runtime.native import NativeModel
+    with NativeModel(path, device=device) as model:
+        s = model.new_session(128)
+        logits = s.forward(prompt)
+        first = logits.copy()
+        tokens, margins = [], []
+        for _ in range(steps):
+            top2 = np.sort(logits)[-2:]
+            margins.append(float(top2[1] - top2[0]) / float(np.abs(logits).max()))
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            logits = s.forward([token])
+    return tokens, margins, first
+
+
+def assert_greedy_agrees(cpu, gpu) -> None:
+    """The CUDA run's greedy tokens equal the CPU's up to the first near-tie (fp16 tolerance)."""
+    cpu_tokens, cpu_margins, _ = cpu
+    gpu_tokens = gpu[0]
+    for i, (a, b) in enumerate(zip(cpu_tokens, gpu_tokens)):
+        if a != b:
+            # Only a near-tie (within fp16 tolerance) may flip a greedy choice.
+            assert cpu_margins[i] < 1e-2, (i, cpu_tokens, gpu_tokens)
+            break
+
+
+def graph_and_direct_logits(path, monkeypatch, tokens=(5, 6, 7, 8, 9, 10)):
+    """Decode logits with captured graphs ("1") and with direct launches ("0")."""
+    import numpy as np
+    from pumice.runtime.native import NativeModel
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PUMICE_CUDA_GRAPHS", mode)
+        with NativeModel(path, device="cuda") as model:
+            s = model.new_session(32)
+            s.forward(list(tokens[:3]))
+            out[mode] = np.stack([s.forward([t]) for t in tokens[3:]])
+    return out

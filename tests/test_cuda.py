@@ -25,7 +25,7 @@ from pumice.runtime.native import ContextFullError, NativeModel, OutOfMemoryErro
 
 from tiny_model import quantize_rtn, reference_logits, relative_error, write_tiny_llama
 
-from cuda_support import skip_module_without_cuda
+from cuda_support import assert_greedy_agrees, graph_and_direct_logits, greedy_on, skip_module_without_cuda
 
 pytestmark = pytest.mark.cuda
 
@@ -135,28 +135,8 @@ def test_prefill_and_decode_match_reference(tiny_models, kind):
 
 @pytest.mark.parametrize("kind", KINDS, ids=_kind_id)
 def test_greedy_tokens_equal_cpu_backend(tiny_models, kind):
-    path, _, config = tiny_models[kind]
-    prompt = [1, 17, 42, 99, 3, 250, 7, 8, 301, 64, 12, 5, 77, 400, 31, 2, 90, 11, 123, 45]
-    results = {}
-    for device in ("cpu", "cuda"):
-        with NativeModel(path, device=device) as model:
-            s = model.new_session(128)
-            logits = s.forward(prompt)
-            out, margins = [], []
-            for _ in range(24):
-                top2 = np.sort(logits)[-2:]
-                margins.append(float(top2[1] - top2[0]) / float(np.abs(logits).max()))
-                tok = int(np.argmax(logits))
-                out.append(tok)
-                logits = s.forward([tok])
-            results[device] = (out, margins)
-    cpu, cpu_margins = results["cpu"]
-    gpu, _ = results["cuda"]
-    for i, (a, b) in enumerate(zip(cpu, gpu)):
-        if a != b:
-            # Only a near-tie (within fp16 tolerance) may flip a greedy choice.
-            assert cpu_margins[i] < 1e-2, (i, cpu, gpu)
-            break
+    path, _, _ = tiny_models[kind]
+    assert_greedy_agrees(greedy_on(path, "cpu", steps=24), greedy_on(path, "cuda", steps=24))
 
 
 @pytest.mark.parametrize("cublas", ["on", "off"])
@@ -224,14 +204,7 @@ def test_decode_batch_matches_single_sessions(tiny_models):
 
 def test_graphs_and_direct_launches_agree(tiny_models, monkeypatch):
     path, _, _ = tiny_models[("rtn", "f16", 4, 128)]
-    tokens = [5, 6, 7, 8, 9, 10]
-    out = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv("PUMICE_CUDA_GRAPHS", mode)
-        with NativeModel(path, device="cuda") as model:
-            s = model.new_session(32)
-            s.forward(tokens[:3])
-            out[mode] = np.stack([s.forward([t]) for t in tokens[3:]])
+    out = graph_and_direct_logits(path, monkeypatch)
     np.testing.assert_array_equal(out["1"], out["0"])
 
 

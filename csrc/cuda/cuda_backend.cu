@@ -215,6 +215,8 @@ private:
     // The pinned column array may be rewritten only once its last upload has run.
     cudaEvent_t cols_uploaded_ = nullptr;
     StepColumn *writable_cols();
+    // Step columns for one next token of each of n sessions (decode_batch and its sampling twin).
+    void stage_next_tokens(BackendSession *const *sessions, const int32_t *tokens, int n);
     std::map<int, cudaGraphExec_t> graphs_;
 
     PrefillWorkspace pw_;
@@ -707,16 +709,20 @@ void CudaBackend::forward(BackendSession &session, const int32_t *tokens, int32_
     s.n_past = p_start + n;
 }
 
+void CudaBackend::stage_next_tokens(BackendSession *const *sessions, const int32_t *tokens, int n) {
+    StepColumn *ch = writable_cols();
+    for (int i = 0; i < n; ++i) {
+        CudaSession &s = static_cast<CudaSession &>(*sessions[i]);
+        ch[i] = StepColumn{tokens[i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
+    }
+}
+
 void CudaBackend::decode_batch(BackendSession *const *sessions, const int32_t *tokens, int32_t n, float *logits) {
     DeviceScope scope(device_);
     const int64_t V = cfg_.vocab_size;
     for (int32_t done = 0; done < n; done += kMaxStepCols) {
         const int cols = std::min<int32_t>(kMaxStepCols, n - done);
-        StepColumn *ch = writable_cols();
-        for (int i = 0; i < cols; ++i) {
-            CudaSession &s = static_cast<CudaSession &>(*sessions[done + i]);
-            ch[i] = StepColumn{tokens[done + i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
-        }
+        stage_next_tokens(sessions + done, tokens + done, cols);
         run_step(cols);
         if (logits) copy_logits(cols, logits_dev_.as<float>(), logits + done * V);
     }
@@ -922,12 +928,9 @@ void CudaBackend::decode_batch_sample(BackendSession *const *sessions, const int
     int64_t positions[kMaxStepCols];
     for (int32_t done = 0; done < n; done += kMaxStepCols) {
         const int cols = std::min<int32_t>(kMaxStepCols, n - done);
-        StepColumn *ch = writable_cols();
-        for (int i = 0; i < cols; ++i) {
-            CudaSession &s = static_cast<CudaSession &>(*sessions[done + i]);
-            ch[i] = StepColumn{tokens[done + i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
-            positions[i] = int64_t(s.n_past) + 1;  // where the drawn token goes
-        }
+        stage_next_tokens(sessions + done, tokens + done, cols);
+        // Where each drawn token goes (the sampler's counter).
+        for (int i = 0; i < cols; ++i) positions[i] = int64_t(sessions[done + i]->n_past) + 1;
         run_step(cols);
         if (logits) copy_logits(cols, logits_dev_.as<float>(), logits + done * V);
         sample_rows(logits_dev_.as<float>(), cols, params + done, positions, next + done);
