@@ -952,10 +952,16 @@ void CudaBackend::forward_sample(BackendSession &session, const int32_t *tokens,
             row.resize(static_cast<size_t>(V));
             last = row.data();
         }
+        const int32_t p_start = s.n_past;
         forward(session, tokens, n, last, false);
-        PUMICE_CUDA_CHECK(cudaMemcpyAsync(logits_dev_.get(), last, sizeof(float) * V, cudaMemcpyHostToDevice, stream_));
-        const int64_t position = s.n_past;
-        sample_rows(logits_dev_.as<float>(), 1, &params, &position, next);
+        try {  // all or nothing, like the short path: a failed draw leaves the cache as it was
+            PUMICE_CUDA_CHECK(cudaMemcpyAsync(logits_dev_.get(), last, sizeof(float) * V, cudaMemcpyHostToDevice, stream_));
+            const int64_t position = s.n_past;
+            sample_rows(logits_dev_.as<float>(), 1, &params, &position, next);
+        } catch (...) {
+            s.n_past = p_start;
+            throw;
+        }
         return;
     }
     // One step of consecutive tokens (a decode, or a short prompt): sample its last column.

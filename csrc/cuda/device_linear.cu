@@ -11,7 +11,7 @@ namespace {
 // A tiled weight (rtn/dense natively, other kinds through the host f16 fallback) of one tensor.
 class TiledDeviceLinear final : public DeviceLinear {
 public:
-    TiledDeviceLinear(const TensorEntry &e, int perm_d, cudaStream_t stream) : perm_d_(perm_d) {
+    TiledDeviceLinear(const TensorEntry &e, int perm_d, cudaStream_t stream) : perm_d_(perm_d), num_sms_(num_sms()) {
         std::vector<LinearSlot> slots;
         weight_ = load_fused({FusePart{&e, perm_d, 0, 1}}, ceil_div(e.shape.at(0), 16), stream, &slots);
         slot_ = slots.at(0);
@@ -35,7 +35,7 @@ public:
         c.epi.ldo = ldo;
         c.epi.out_tile_base = map.tile_base;
         c.epi.out_tile_stride = map.tile_stride;
-        launch_gemv(c, num_sms(), stream);
+        launch_gemv(c, num_sms_, stream);
     }
 
     void dequantize_f16(__half *out, int64_t ldo, const RowMap &map, void *, cudaStream_t stream) const override {
@@ -55,6 +55,7 @@ private:
         return sms;
     }
     int perm_d_;
+    int num_sms_;
     std::unique_ptr<TiledWeight> weight_;
     LinearSlot slot_;
 };

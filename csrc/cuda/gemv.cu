@@ -26,6 +26,13 @@ template <int R> __host__ __device__ constexpr int warps_for() { return R == 1 ?
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
+// Fused RMSNorm: the producer stores half(resid * g / 16), unnormalised. The residual stream
+// of large models holds "massive activations" in the thousands; times a norm weight that could
+// pass half's 65504, and 1/16 (exact) moves that limit to 10^6. Values below 10^-3 become
+// subnormal, harmless for the dot product unless the whole vector is that small (layer 0's
+// input, the one norm that is not fused). The consumer's scale undoes the 1/16.
+constexpr float kNormPrescale = 0.0625f;
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -43,7 +50,8 @@ __device__ void norm_scales(const Epilogue &e, int c0, int n_cols, float *scale)
             for (int j = lane; j < e.n_norm_partials; j += 32) s += p[j];
         }
         s = warp_sum(s);
-        if (lane == 0) scale[c] = e.norm_partials ? rsqrtf(s / static_cast<float>(e.norm_hidden) + e.norm_eps) : 1.f;
+        if (lane == 0)
+            scale[c] = e.norm_partials ? rsqrtf(s / static_cast<float>(e.norm_hidden) + e.norm_eps) / kNormPrescale : 1.f;
     }
 }
 
@@ -129,7 +137,8 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
                         const float updated = r + v;
                         r = updated;
                         if (e.norm_out) {
-                            e.norm_out[col * e.norm_ldo + lrow] = __float2half(updated * e.norm_weight[lrow]);
+                            e.norm_out[col * e.norm_ldo + lrow] =
+                                __float2half(updated * e.norm_weight[lrow] * kNormPrescale);
                             ss += updated * updated;
                         }
                     }

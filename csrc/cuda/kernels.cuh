@@ -44,13 +44,13 @@ struct Epilogue {
     const StepColumn *cols = nullptr;
 
     // RMSNorm fused into its neighbours (decode step). Producer side, EPI_ADD with one tile per
-    // block: besides the residual, write half(resid * norm_weight) to norm_out[col][row] and the
+    // block: besides the residual, write half(resid * norm_weight / 16) to norm_out[col][row] and the
     // block's sum of squares of its residual rows to norm_partials[col * norm_ld + block].
     const float *norm_weight = nullptr;
     __half *norm_out = nullptr;
     float *norm_partials_out = nullptr;
-    // Consumer side: the input was half(resid * weight); every dot product is multiplied by
-    // rsqrt(sum(norm_partials[col * norm_ld + 0 .. n_norm_partials)) / norm_hidden + norm_eps).
+    // Consumer side: the input was half(resid * weight / 16); every dot product is multiplied by
+    // 16 * rsqrt(sum(norm_partials[col * norm_ld + 0 .. n_norm_partials)) / norm_hidden + norm_eps).
     const float *norm_partials = nullptr;
     int n_norm_partials = 0;
     int64_t norm_ld = 0;         // row stride of the partials (both sides)

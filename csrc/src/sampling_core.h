@@ -73,7 +73,6 @@ PUMICE_HD uint64_t rank_key(float sanitized_logit, int32_t id) {
     return (static_cast<uint64_t>(ordered_bits(sanitized_logit)) << 32) |
            static_cast<uint64_t>(~static_cast<uint32_t>(id));
 }
-PUMICE_HD int32_t rank_key_id(uint64_t key) { return static_cast<int32_t>(~static_cast<uint32_t>(key)); }
 PUMICE_HD float rank_key_logit(uint64_t key) { return from_ordered_bits(static_cast<uint32_t>(key >> 32)); }
 
 // The scaled log-weight of a token: (logit - max) / T, as the product with the reciprocal.
