@@ -390,7 +390,10 @@ class NativeModel:
             raise InvalidArgumentError(f"logits have {rows.shape[1]} columns, the vocabulary {self.vocab_size}")
         n = rows.shape[0]
         samplings = [samplings] * n if isinstance(samplings, NativeSampling) else list(samplings)
-        where = np.broadcast_to(np.asarray(positions, dtype=np.int64), (n,)).copy()
+        where = np.asarray(positions)
+        if where.ndim > 1 or (where.ndim == 1 and where.size != n) or not np.issubdtype(where.dtype, np.integer):
+            raise InvalidArgumentError(f"positions must be one integer or {n} integers, one per row of logits")
+        where = np.broadcast_to(where.astype(np.int64), (n,)).copy()
         if len(samplings) != n:
             raise InvalidArgumentError(f"{n} rows of logits but {len(samplings)} sampling parameters")
         out = np.empty(n, dtype=np.int32)
@@ -527,18 +530,18 @@ def _token_array(tokens, vocab_size: int) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=np.int32)
 
 
-def _check_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]):
+def _check_batch(sessions: Sequence[NativeSession], tokens: Iterable[int], caller: str):
     sessions = list(sessions)
     if not sessions:
-        raise InvalidArgumentError("decode_batch needs at least one session")
+        raise InvalidArgumentError(f"{caller} needs at least one session")
     model = sessions[0].model
     if any(s.model is not model for s in sessions):
-        raise InvalidArgumentError("decode_batch sessions must all belong to one model")
+        raise InvalidArgumentError(f"{caller} sessions must all belong to one model")
     if len({id(s) for s in sessions}) != len(sessions):
-        raise InvalidArgumentError("decode_batch sessions must be distinct")
+        raise InvalidArgumentError(f"{caller} sessions must be distinct")
     ids = _token_array(list(tokens), model.vocab_size)
     if ids.size != len(sessions):
-        raise InvalidArgumentError(f"decode_batch got {len(sessions)} sessions but {ids.size} tokens")
+        raise InvalidArgumentError(f"{caller} got {len(sessions)} sessions but {ids.size} tokens")
     return sessions, model, ids
 
 
@@ -547,7 +550,7 @@ def decode_batch(sessions: Sequence[NativeSession], tokens: Iterable[int]) -> np
 
     All-or-nothing: if any session is full, ContextFullError is raised and nothing changes.
     """
-    sessions, model, ids = _check_batch(sessions, tokens)
+    sessions, model, ids = _check_batch(sessions, tokens, "decode_batch")
     library = model._library
     ffi = library.ffi
     handles = ffi.new("pumice_session *[]", [s._handle() for s in sessions])
@@ -565,7 +568,7 @@ def decode_batch_sample(sessions: Sequence[NativeSession], tokens: Iterable[int]
     Returns int32 ``[n]`` token ids, or ``(ids, logits [n, vocab])`` with ``return_logits``.
     Without logits nothing but the ids crosses from the device.
     """
-    sessions, model, ids = _check_batch(sessions, tokens)
+    sessions, model, ids = _check_batch(sessions, tokens, "decode_batch_sample")
     samplings = list(samplings)
     if len(samplings) != len(sessions):
         raise InvalidArgumentError(f"decode_batch_sample got {len(sessions)} sessions but "

@@ -129,7 +129,8 @@ pumice_status pumice_decode_batch_sample(pumice_session *const *sessions, const 
 
 /*
  * pumice_forward (a prompt, or any tokens), then the next token from the last position's
- * logits. logits: vocab_size floats (the last position's), or NULL.
+ * logits. logits: vocab_size floats (the last position's), or NULL. All-or-nothing: on failure
+ * the session's cache is as it was before the call.
  */
 pumice_status pumice_forward_sample(pumice_session *session, const int32_t *tokens, int32_t n_tokens,
                                     const pumice_sampling_params *params, int32_t *next_token,
