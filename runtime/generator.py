@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .chat import render_chat
 from .native import NativeModel, NativeSampling
-from .sampling import Sampler, SamplingParams, TokenLogprob, native_sampling, stop_token_set
+from .sampling import (Sampler, SamplingParams, TokenLogprob, native_sampling, samples_natively_on,
+                       stop_token_set)
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512
@@ -311,7 +312,7 @@ class Generator:
             started = time.perf_counter()
             # The runtime samples when the request allows it (only token ids leave the step);
             # logprobs and penalties need the logits here, and the numpy Sampler.
-            native = native_sampling(params)
+            native = native_sampling(params) if samples_natively_on(self.model.device) else None
             logits, stats["cached"] = self._prefill(prompt_ids, native)
             first_token_at = time.perf_counter()
             stats["prefill_seconds"] = first_token_at - started

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -273,6 +274,18 @@ def _likely_pool(weights: np.ndarray, top_k: int, top_p: float, min_p: float) ->
             if float(weights[pool].sum(dtype=np.float64)) >= top_p * total:
                 return pool
     return np.arange(weights.size)
+
+
+def samples_natively_on(device: str) -> bool:
+    """Whether the Generator and the server let the runtime sample on this device by default.
+
+    On CUDA it saves the logits copy and the numpy pass. On the CPU the C++ sampler is correct
+    but slower than the numpy Sampler (docs/RUNTIME.md), so it is used there only with
+    PUMICE_NATIVE_SAMPLING=1 (which makes a seed give the same tokens on CPU and GPU).
+    """
+    if not device.startswith("cpu"):
+        return True
+    return os.environ.get("PUMICE_NATIVE_SAMPLING", "") == "1"
 
 
 def native_sampling(params: SamplingParams) -> NativeSampling | None:

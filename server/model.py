@@ -39,6 +39,7 @@ class ServedModel:
         self.sampling_defaults = {k: v for k, v in _generation_defaults(
             metadata.get("generation") or {}).items() if k != "max_tokens"}
         self.vocab_size = self.native.vocab_size
+        self.device = self.native.device
         max_context = self.native.info["max_context"]
         if n_ctx is not None and n_ctx < 2:
             raise ValueError(f"n_ctx must be at least 2, got {n_ctx}")

@@ -32,7 +32,7 @@ from typing import Optional, Protocol, Sequence as Seq
 import numpy as np
 
 from ..runtime.native import NativeSampling
-from ..runtime.sampling import Sampler, SamplingParams, native_sampling, stop_token_set
+from ..runtime.sampling import Sampler, SamplingParams, native_sampling, samples_natively_on, stop_token_set
 from .metrics import ServerMetrics
 from .protocol import APIError
 
@@ -297,7 +297,8 @@ class Engine:
         self.error: Optional[BaseException] = None
         # The runtime samples inside the decode step (only token ids leave it) for requests
         # that need no host logits; models without the native sampler sample on the host.
-        self._native = callable(getattr(model, "decode_batch_sample", None))
+        self._native = (callable(getattr(model, "decode_batch_sample", None))
+                        and samples_natively_on(getattr(model, "device", "cpu")))
 
     # -- lifetime
 

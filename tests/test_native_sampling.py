@@ -330,7 +330,8 @@ def generator_file(tmp_path_factory):
     return folder / "tiny.pumice"
 
 
-def test_generator_is_reproducible_per_seed_streamed_or_not(generator_file):
+def test_generator_is_reproducible_per_seed_streamed_or_not(generator_file, monkeypatch):
+    monkeypatch.setenv("PUMICE_NATIVE_SAMPLING", "1")  # on the CPU too
     with Generator(generator_file, n_threads=1) as g:
         params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
         first = g.generate("abc", params=params)
@@ -350,6 +351,7 @@ def test_generator_is_reproducible_per_seed_streamed_or_not(generator_file):
 
 
 def test_generator_greedy_is_unchanged_by_native_sampling(generator_file, monkeypatch):
+    monkeypatch.setenv("PUMICE_NATIVE_SAMPLING", "1")
     with Generator(generator_file, n_threads=1) as g:
         native = g.generate("hello", max_tokens=20, temperature=0, ignore_eos=True)
         monkeypatch.setattr("pumice.runtime.generator.native_sampling", lambda params: None)
@@ -367,8 +369,9 @@ def test_native_sampling_only_when_the_request_allows_it():
     assert sampling_module.native_sampling(SamplingParams(top_k=-5)).top_k == 0
 
 
-def test_engine_batches_reproduce_a_seed(generator_file):
+def test_engine_batches_reproduce_a_seed(generator_file, monkeypatch):
     pytest.importorskip("fastapi", reason="the server's dependencies are not installed")
+    monkeypatch.setenv("PUMICE_NATIVE_SAMPLING", "1")
     from pumice.server.model import ServedModel
     from pumice.server.scheduler import Delta, Engine, GenerationSpec
 
