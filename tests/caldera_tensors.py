@@ -19,7 +19,7 @@ from pumice.format.kind_bcq import pack_bcq
 from pumice.format.kind_caldera import dct_matrix, split_size, unpack_signs
 from pumice.format.writer import PumiceWriter
 
-from tiny_model import _random_weight, _shape, quantize_rtn, tensor_names, tiny_config, tiny_metadata
+from tiny_model import _random_weight, quantize_rtn, tensor_shape, tensor_names, tiny_config, tiny_metadata
 
 # A sub-tensor: ("rtn", bits, group_size) | ("dense", dtype) | ("bcq", planes, group_size)
 RTN2 = ("rtn", 2, 64)
@@ -160,7 +160,7 @@ def write_caldera_llama(path: Path, seed: int = 0, **config_overrides) -> dict[s
     gen = torch.Generator().manual_seed(seed)
     with PumiceWriter(Path(path), tiny_metadata(config)) as writer:
         for name in tensor_names(config):
-            shape = _shape(name, config)
+            shape = tensor_shape(name, config)
             parts = name.split(".")
             if len(shape) == 2 and parts[1] == "layers":
                 layer, proj = int(parts[2]), parts[-2]

@@ -27,7 +27,7 @@ from pumice.format.writer import PumiceWriter
 from pumice.runtime.native import NativeModel, PumiceFormatError, decode_batch
 
 from bcq_gpu_model import random_bcq
-from tiny_model import reference_logits, relative_error, tensor_names, tiny_config, tiny_metadata
+from tiny_model import reference_logits, relative_error, tensor_names, tensor_shape, tiny_config, tiny_metadata
 
 from cuda_support import assert_greedy_agrees, greedy_on, skip_module_without_cuda
 
@@ -179,18 +179,6 @@ def fit_bcq_greedy(w: np.ndarray, q: int, g: int):
     return signs, exponents, row_scales
 
 
-def _shape(name, c):
-    d, inter, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    qd, kvd = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    table = {"q_proj": (qd, d), "k_proj": (kvd, d), "v_proj": (kvd, d), "o_proj": (d, qd),
-             "gate_proj": (inter, d), "up_proj": (inter, d), "down_proj": (d, inter)}
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (c["vocab_size"], d)
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
-        return (d,)
-    return table[name.split(".")[-2]]
-
-
 def write_tiny_bcq_llama(path, seed=0, **overrides):
     """A random tiny Llama with every projection and the head in bcq (embeddings and norms dense
     f32); returns ({name: float64 tensor as stored}, config)."""
@@ -199,7 +187,7 @@ def write_tiny_bcq_llama(path, seed=0, **overrides):
     weights = {}
     with PumiceWriter(path, tiny_metadata(config)) as writer:
         for name in tensor_names(config):
-            shape = _shape(name, config)
+            shape = tensor_shape(name, config)
             if len(shape) == 1:
                 w = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
                 writer.add_tensor(name, "dense", list(shape), {}, {"weight": w})

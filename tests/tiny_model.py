@@ -78,7 +78,8 @@ def tensor_names(config: dict[str, Any]) -> list[str]:
     return names
 
 
-def _shape(name: str, c: dict[str, Any]) -> tuple[int, ...]:
+def tensor_shape(name: str, c: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of a Llama tensor (weights and biases) under config c."""
     d, inter, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     qd, kvd = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
     table = {"q_proj": (qd, d), "k_proj": (kvd, d), "v_proj": (kvd, d), "o_proj": (d, qd),
@@ -155,7 +156,7 @@ def write_tiny_llama(path, kind: str = "dense", dtype: str = "f32", seed: int = 
     weights: dict[str, torch.Tensor] = {}
     with PumiceWriter(Path(path), tiny_metadata(config)) as writer:
         for name in tensor_names(config):
-            shape = _shape(name, config)
+            shape = tensor_shape(name, config)
             w = _random_weight(name, shape, gen)
             if len(shape) == 2 and kind == "rtn":
                 parts, stored = quantize_rtn(w, bits, group_size)
