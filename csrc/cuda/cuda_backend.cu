@@ -226,7 +226,8 @@ private:
     PinnedBuffer sample_rows_host_, sample_out_host_;
 };
 
-CudaBackend::CudaBackend(const ModelFile &file, const LlamaConfig &config, int device_index) : cfg_(config) {
+CudaBackend::CudaBackend(const ModelFile &file, const LlamaConfig &config, int device_index)
+    : Backend(config.vocab_size), cfg_(config) {
     open_device(device_index);
     try {
         if (cfg_.tensors_only()) load_tensors_only(file);

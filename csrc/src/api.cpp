@@ -214,7 +214,6 @@ pumice_status pumice_model_open(const char *path, const pumice_model_options *op
         try {
             m->config = LlamaConfig::from_metadata(m->file->metadata());
             m->backend = make_backend(*m, o);
-            m->backend->vocab_size = m->config.vocab_size;
             fill_info(*m);
         } catch (const Error &e) {
             throw Error(e.status, "'" + m->path + "': " + e.what());

@@ -23,6 +23,7 @@ public:
 
 class Backend {
 public:
+    explicit Backend(int32_t vocab_size) : vocab_size(vocab_size) {}
     virtual ~Backend() = default;
     virtual std::unique_ptr<BackendSession> create_session(int32_t n_ctx) = 0;
     // Append n tokens at positions n_past..n_past+n-1 and advance n_past. The caller has checked
@@ -51,7 +52,7 @@ public:
     virtual void forward_sample(BackendSession &session, const int32_t *tokens, int32_t n,
                                 const SamplingParams &params, int32_t *next, float *logits);
 
-    int32_t vocab_size = 0;  // set by the ABI layer after construction
+    const int32_t vocab_size;  // the model's (0 for tensors-only files)
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelFile &file, const LlamaConfig &config,

@@ -86,7 +86,7 @@ namespace {
 class CpuBackend final : public Backend {
 public:
     CpuBackend(const ModelFile &file, const LlamaConfig &config, int n_threads)
-        : file_(file), cfg_(config), pool_(n_threads) {
+        : Backend(config.vocab_size), file_(file), cfg_(config), pool_(n_threads) {
         if (cfg_.tensors_only()) {
             build_all_linear_tensors();
         } else {
