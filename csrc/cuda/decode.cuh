@@ -34,10 +34,28 @@ __device__ __forceinline__ uint32_t code_pair(const uint4 &q, const uint2 &q1, i
     }
 }
 
-// half2(c_lo, c_hi) from two small unsigned codes (< 1024) at bits 0 and 16: exact.
-__device__ __forceinline__ __half2 codes_to_half2(uint32_t pair) {
-    const __half2 biased = u32_as_half2(pair | 0x64006400u);  // 1024 + c, exactly
-    return __hsub2(biased, u32_as_half2(0x64006400u));
+// (v & MASK) | bias in one LOP3: with the bias in a register, the mask is the one immediate.
+template <uint32_t MASK> __device__ __forceinline__ uint32_t mask_or(uint32_t v, uint32_t bias) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(v), "n"(MASK), "r"(bias));
+    return d;
+}
+
+constexpr uint32_t kHalf1024x2 = 0x64006400u;  // half2(1024, 1024)
+
+// half2(c_lo, c_hi) from codes already or'ed into the exponent bias: 1024 + c - 1024, exact.
+__device__ __forceinline__ __half2 biased_to_half2(uint32_t biased) {
+    return __hsub2(u32_as_half2(biased), u32_as_half2(kHalf1024x2));
+}
+
+// The two codes of register r of k-tile t, as half2(1024 + c_lo, 1024 + c_hi): shift, then one
+// LOP3 for the mask and the bias (two immediates would cost two).
+template <int BITS>
+__device__ __forceinline__ uint32_t biased_code_pair(const uint4 &q, const uint2 &q1, int t, int r) {
+    if constexpr (BITS == 2) return mask_or<0x00030003u>(word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r)), kHalf1024x2);
+    else if constexpr (BITS == 4) return mask_or<0x000F000Fu>(word_of(q, t) >> (4 * r), kHalf1024x2);
+    else if constexpr (BITS == 8) return mask_or<0x00FF00FFu>(word_of(q, 2 * t + r / 2) >> (8 * (r % 2)), kHalf1024x2);
+    else return code_pair<BITS>(q, q1, t, r) | kHalf1024x2;
 }
 
 // The four A-fragment registers of k-tile t of a unit. sm = {half2(s,m) row L/4, row L/4+8}.
@@ -52,7 +70,7 @@ __device__ __forceinline__ void decode_ktile(const uint4 &q, const uint2 &q1, in
         const __half2 s_hi = __low2half2(sm_hi), m_hi = __high2half2(sm_hi);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const __half2 c = codes_to_half2(code_pair<BITS>(q, q1, t, r));
+            const __half2 c = biased_to_half2(biased_code_pair<BITS>(q, q1, t, r));
             const __half2 w = (r % 2 == 0) ? __hfma2(c, s_lo, m_lo) : __hfma2(c, s_hi, m_hi);
             a[r] = half2_as_u32(w);
         }

@@ -25,7 +25,8 @@
 //   scale_min[tile][group][L/4] : uint2 = {half2(s, m) of row L/4, half2(s, m) of row L/4+8}
 //
 // A code c becomes half(c) exactly through the exponent trick (c | 0x6400) - 1024, then
-// w = c * s + m in one HFMA2, so dequantization is three or four instructions per two weights.
+// w = c * s + m in one HFMA2, so dequantization is four instructions per two weights (shift,
+// LOP3, HSUB2, HFMA2; decode.cuh).
 //
 // Row order: the rows of q_proj and k_proj are stored permuted within each head so that the
 // two halves of a RoPE rotation pair (d, d + D/2) land in rows r and r+8 of one tile, i.e. in
