@@ -14,27 +14,8 @@ __device__ __forceinline__ uint32_t word_of(const uint4 &q, int i) {
 __device__ __forceinline__ __half2 u32_as_half2(uint32_t v) { return *reinterpret_cast<__half2 *>(&v); }
 __device__ __forceinline__ uint32_t half2_as_u32(__half2 v) { return *reinterpret_cast<uint32_t *>(&v); }
 
-// The two codes of register r of k-tile t of a unit, at bits 0 and 16 (t and r are
-// compile-time constants after unrolling, so every shift and mask is an immediate).
-template <int BITS>
-__device__ __forceinline__ uint32_t code_pair(const uint4 &q, const uint2 &q1, int t, int r) {
-    if constexpr (BITS == 2 || BITS == 3) {
-        const int i = (t % 2) * 4 + r;
-        uint32_t v = (word_of(q, t / 2) >> (2 * i)) & 0x00030003u;
-        if constexpr (BITS == 3) {
-            const int j = (t % 4) * 4 + r;
-            const uint32_t w1 = (t / 4) == 0 ? q1.x : q1.y;
-            v |= ((w1 >> j) & 0x00010001u) << 2;
-        }
-        return v;
-    } else if constexpr (BITS == 4) {
-        return (word_of(q, t) >> (4 * r)) & 0x000F000Fu;
-    } else {
-        return (word_of(q, 2 * t + r / 2) >> (8 * (r % 2))) & 0x00FF00FFu;
-    }
-}
-
-// (v & MASK) | bias in one LOP3: with the bias in a register, the mask is the one immediate.
+// (v & MASK) | bias in one LOP3: with the bias in a register, the mask is the one immediate
+// (with both as immediates the compiler emits two).
 template <uint32_t MASK> __device__ __forceinline__ uint32_t mask_or(uint32_t v, uint32_t bias) {
     uint32_t d;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(v), "n"(MASK), "r"(bias));
@@ -43,19 +24,27 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t mask_or(uint32_t v,
 
 constexpr uint32_t kHalf1024x2 = 0x64006400u;  // half2(1024, 1024)
 
-// half2(c_lo, c_hi) from codes already or'ed into the exponent bias: 1024 + c - 1024, exact.
-__device__ __forceinline__ __half2 biased_to_half2(uint32_t biased) {
-    return __hsub2(u32_as_half2(biased), u32_as_half2(kHalf1024x2));
+// The two codes of register r of k-tile t of a unit, at bits 0 and 16, or'ed with `bias` in the
+// same instruction (kHalf1024x2 makes them half2(1024 + c_lo, 1024 + c_hi)). t and r are
+// compile-time constants after unrolling, so every shift and mask is an immediate.
+template <int BITS>
+__device__ __forceinline__ uint32_t code_pair(const uint4 &q, const uint2 &q1, int t, int r, uint32_t bias = 0) {
+    if constexpr (BITS == 2) {
+        return mask_or<0x00030003u>(word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r)), bias);
+    } else if constexpr (BITS == 3) {
+        const uint32_t low = (word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r))) & 0x00030003u;
+        const uint32_t w1 = (t / 4) == 0 ? q1.x : q1.y;
+        return low | (((w1 >> ((t % 4) * 4 + r)) & 0x00010001u) << 2) | bias;
+    } else if constexpr (BITS == 4) {
+        return mask_or<0x000F000Fu>(word_of(q, t) >> (4 * r), bias);
+    } else {
+        return mask_or<0x00FF00FFu>(word_of(q, 2 * t + r / 2) >> (8 * (r % 2)), bias);
+    }
 }
 
-// The two codes of register r of k-tile t, as half2(1024 + c_lo, 1024 + c_hi): shift, then one
-// LOP3 for the mask and the bias (two immediates would cost two).
-template <int BITS>
-__device__ __forceinline__ uint32_t biased_code_pair(const uint4 &q, const uint2 &q1, int t, int r) {
-    if constexpr (BITS == 2) return mask_or<0x00030003u>(word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r)), kHalf1024x2);
-    else if constexpr (BITS == 4) return mask_or<0x000F000Fu>(word_of(q, t) >> (4 * r), kHalf1024x2);
-    else if constexpr (BITS == 8) return mask_or<0x00FF00FFu>(word_of(q, 2 * t + r / 2) >> (8 * (r % 2)), kHalf1024x2);
-    else return code_pair<BITS>(q, q1, t, r) | kHalf1024x2;
+// half2(c_lo, c_hi) from codes or'ed into the exponent bias: (1024 + c) - 1024, exact.
+__device__ __forceinline__ __half2 biased_to_half2(uint32_t biased) {
+    return __hsub2(u32_as_half2(biased), u32_as_half2(kHalf1024x2));
 }
 
 // The four A-fragment registers of k-tile t of a unit. sm = {half2(s,m) row L/4, row L/4+8}.
@@ -70,7 +59,7 @@ __device__ __forceinline__ void decode_ktile(const uint4 &q, const uint2 &q1, in
         const __half2 s_hi = __low2half2(sm_hi), m_hi = __high2half2(sm_hi);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const __half2 c = biased_to_half2(biased_code_pair<BITS>(q, q1, t, r));
+            const __half2 c = biased_to_half2(code_pair<BITS>(q, q1, t, r, kHalf1024x2));
             const __half2 w = (r % 2 == 0) ? __hfma2(c, s_lo, m_lo) : __hfma2(c, s_hi, m_hi);
             a[r] = half2_as_u32(w);
         }
