@@ -1,0 +1,247 @@
+// gemv_decode_cost.cu — what the 2-bit decode costs the batch-1 GEMV, measured in isolation.
+//
+// Same shape of work as csrc/cuda/gemv.cu (one block of 8 warps per 16-row tile, 512-byte units
+// of 16 rows x 128 inputs, four units in flight per warp, partial sums meeting in shared memory),
+// on random codes, with two ways of turning codes into tensor-core work:
+//   f16   today's route: per two weights a shift, a LOP3 (mask | 1024 bias), HSUB2 and HFMA2
+//         (scale and min), then mma.m16n8k16 with f16 activations;
+//   int8  codes as bytes ((w >> 2i) & 0x03030303: 4 weights per shift + mask) into
+//         mma.m16n8k32.s8 with int8 activations, the group scale applied to each group's int32
+//         sum afterwards (the layout where an mma's inputs share one group, docs/CUDA.md "Next").
+// Each is run with four and with eight units in flight per warp. It prints the time per matrix
+// and its read rate; the results feed docs/CUDA.md.
+// Build and run on the GPU machine:
+//   nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/gemv_decode_cost.cu -o /tmp/decode_cost && /tmp/decode_cost
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                              \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) {                                                              \
+            std::printf("%s: %s\n", #x, cudaGetErrorString(e_));                              \
+            std::exit(1);                                                                     \
+        }                                                                                     \
+    } while (0)
+
+constexpr int kWarps = 8;
+
+__device__ __forceinline__ uint4 load_na(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint32_t word_of(const uint4 &q, int i) {
+    return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+}
+__device__ __forceinline__ uint32_t lop3_mask_or(uint32_t v, uint32_t mask, uint32_t bias) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(v), "r"(mask), "r"(bias));
+    return d;
+}
+
+// Reduces the warps' accumulators of one tile (rows 0..15 of column 0) and writes them.
+__device__ void finish_tile(float (*red)[16], const float c[4], float *out) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane % 4 == 0) {
+        red[warp][lane / 4] = c[0];
+        red[warp][lane / 4 + 8] = c[2];
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        float s = 0.f;
+        for (int w = 0; w < kWarps; ++w) s += red[w][threadIdx.x];
+        out[blockIdx.x * 16 + threadIdx.x] = s;
+    }
+}
+
+template <int kUnitsInFlight>
+__global__ void __launch_bounds__(kWarps * 32) gemv_f16(const uint4 *codes, const uint2 *scales, const __half *x,
+                                                         float *out, int units) {
+    __shared__ float red[kWarps][16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t bias = 0x64006400u;
+    float acc[4][4] = {};
+    const __half *xl = x + (lane % 4) * 32;
+    for (int u0 = warp; u0 < units; u0 += kUnitsInFlight * kWarps) {
+        uint4 q[kUnitsInFlight];
+        uint2 sm[kUnitsInFlight];
+        uint2 xs[kUnitsInFlight][8];
+#pragma unroll
+        for (int j = 0; j < kUnitsInFlight; ++j) {
+            const int u = u0 + j * kWarps;
+            if (u >= units) break;
+            const size_t slot = (static_cast<size_t>(blockIdx.x) * units + u) * 32 + lane;
+            q[j] = load_na(codes + slot);
+            // The lane's 32 inputs lie in one group of 64: quads 0-1 the first, 2-3 the second.
+            sm[j] = scales[((static_cast<size_t>(blockIdx.x) * units + u) * 2 + (lane % 4) / 2) * 8 + lane / 4];
+#pragma unroll
+            for (int i2 = 0; i2 < 4; ++i2) {
+                const uint4 v = lane < 4 ? *reinterpret_cast<const uint4 *>(xl + u * 128 + 8 * i2) : make_uint4(0, 0, 0, 0);
+                xs[j][2 * i2] = make_uint2(v.x, v.y);
+                xs[j][2 * i2 + 1] = make_uint2(v.z, v.w);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < kUnitsInFlight; ++j) {
+            if (u0 + j * kWarps >= units) break;
+            const __half2 lo = *reinterpret_cast<const __half2 *>(&sm[j].x);
+            const __half2 hi = *reinterpret_cast<const __half2 *>(&sm[j].y);
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                uint32_t a[4];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const uint32_t b = lop3_mask_or(word_of(q[j], t / 2) >> (2 * ((t % 2) * 4 + r)), 0x00030003u, bias);
+                    __half2 c = __hsub2(*reinterpret_cast<const __half2 *>(&b), *reinterpret_cast<const __half2 *>(&bias));
+                    c = (r % 2 == 0) ? __hfma2(c, __low2half2(lo), __high2half2(lo)) : __hfma2(c, __low2half2(hi), __high2half2(hi));
+                    a[r] = *reinterpret_cast<uint32_t *>(&c);
+                }
+                float *d = acc[t % 4];
+                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(xs[j][t].x), "r"(xs[j][t].y));
+            }
+        }
+    }
+    float c[4];
+    for (int e = 0; e < 4; ++e) c[e] = acc[0][e] + acc[1][e] + acc[2][e] + acc[3][e];
+    finish_tile(red, c, out);
+}
+
+// int8: word j of a lane's unit feeds one m16n8k32 mma (16 codes: 4 registers of 4 bytes); the
+// two words of a 64-input group are summed in int32, then scaled once.
+template <int kUnitsInFlight>
+__global__ void __launch_bounds__(kWarps * 32) gemv_int8(const uint4 *codes, const uint2 *scales, const int8_t *xq,
+                                                          const float *xscale, float *out, int units) {
+    __shared__ float red[kWarps][16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float acc[4] = {};
+    const int8_t *xl = xq + (lane % 4) * 32;
+    for (int u0 = warp; u0 < units; u0 += kUnitsInFlight * kWarps) {
+        uint4 q[kUnitsInFlight];
+        uint2 sm[kUnitsInFlight][2];
+        uint4 xs[kUnitsInFlight][2];
+        float xsc[kUnitsInFlight];
+#pragma unroll
+        for (int j = 0; j < kUnitsInFlight; ++j) {
+            const int u = u0 + j * kWarps;
+            if (u >= units) break;
+            const size_t slot = (static_cast<size_t>(blockIdx.x) * units + u) * 32 + lane;
+            q[j] = load_na(codes + slot);
+            // Every mma's inputs lie in one group: the lane needs both groups' scales.
+            sm[j][0] = scales[((static_cast<size_t>(blockIdx.x) * units + u) * 2) * 8 + lane / 4];
+            sm[j][1] = scales[((static_cast<size_t>(blockIdx.x) * units + u) * 2 + 1) * 8 + lane / 4];
+            xs[j][0] = lane < 4 ? *reinterpret_cast<const uint4 *>(xl + u * 128) : make_uint4(0, 0, 0, 0);
+            xs[j][1] = lane < 4 ? *reinterpret_cast<const uint4 *>(xl + u * 128 + 16) : make_uint4(0, 0, 0, 0);
+            xsc[j] = xscale[u];
+        }
+#pragma unroll
+        for (int j = 0; j < kUnitsInFlight; ++j) {
+            if (u0 + j * kWarps >= units) break;
+#pragma unroll
+            for (int g = 0; g < 2; ++g) {  // two groups of 64 inputs per unit
+                int ci[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int wj = 2 * g; wj < 2 * g + 2; ++wj) {
+                    const uint32_t w = word_of(q[j], wj);
+                    const uint32_t a0 = w & 0x03030303u, a1 = (w >> 2) & 0x03030303u;
+                    const uint32_t a2 = (w >> 4) & 0x03030303u, a3 = (w >> 6) & 0x03030303u;
+                    const uint32_t b0 = word_of(xs[j][wj / 2], (wj % 2) * 2), b1 = word_of(xs[j][wj / 2], (wj % 2) * 2 + 1);
+                    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                                 : "+r"(ci[0]), "+r"(ci[1]), "+r"(ci[2]), "+r"(ci[3])
+                                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+                }
+                const float s_lo = __low2float(*reinterpret_cast<const __half2 *>(&sm[j][g].x)) * xsc[j];
+                const float s_hi = __low2float(*reinterpret_cast<const __half2 *>(&sm[j][g].y)) * xsc[j];
+                acc[0] += s_lo * static_cast<float>(ci[0]);
+                acc[1] += s_lo * static_cast<float>(ci[1]);
+                acc[2] += s_hi * static_cast<float>(ci[2]);
+                acc[3] += s_hi * static_cast<float>(ci[3]);
+            }
+        }
+    }
+    finish_tile(red, acc, out);
+}
+
+template <class F>
+float time_us(F launch, int reps) {
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    launch(0);
+    CHECK(cudaEventRecord(a));
+    for (int i = 1; i <= reps; ++i) launch(i);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    CHECK(cudaGetLastError());
+    return ms * 1e3f / reps;
+}
+
+int main() {
+    // Matrices of the Llama-2-7B shape (rows x 4096 or 11008 inputs), 2-bit codes, g64 scales.
+    struct Shape { const char *name; int rows, k; };
+    const Shape shapes[] = {{"o_proj 4096x4096", 4096, 4096}, {"qkv 12288x4096", 12288, 4096},
+                            {"gate_up 22016x4096", 22016, 4096}, {"down 4096x11008", 4096, 11008},
+                            {"head 32000x4096", 32000, 4096}};
+    std::printf("| matrix | MB | f16, 4 units in flight | f16, 8 | int8, 4 | int8, 8 |\n|---|---|---|---|---|---|\n");
+    for (const Shape &s : shapes) {
+        const int tiles = s.rows / 16, units = (s.k + 127) / 128;
+        const size_t n_slots = static_cast<size_t>(tiles) * units * 32;
+        const size_t code_bytes = n_slots * 16, scale_bytes = static_cast<size_t>(tiles) * units * 2 * 8 * 8;
+        // Enough copies that the L2 (50 MB) never holds the one being read.
+        const int copies = static_cast<int>(std::max<size_t>(2, (160u << 20) / (code_bytes + scale_bytes) + 1));
+        std::vector<uint4 *> codes(copies);
+        std::vector<uint2 *> scales(copies);
+        for (int c = 0; c < copies; ++c) {
+            CHECK(cudaMalloc(&codes[c], code_bytes));
+            CHECK(cudaMalloc(&scales[c], scale_bytes));
+            CHECK(cudaMemset(codes[c], 0x5A, code_bytes));
+            CHECK(cudaMemset(scales[c], 0x11, scale_bytes));
+        }
+        __half *x;
+        int8_t *xq;
+        float *xs, *out;
+        CHECK(cudaMalloc(&x, units * 128 * sizeof(__half)));
+        CHECK(cudaMemset(x, 0, units * 128 * sizeof(__half)));
+        CHECK(cudaMalloc(&xq, units * 128));
+        CHECK(cudaMemset(xq, 1, units * 128));
+        CHECK(cudaMalloc(&xs, units * sizeof(float)));
+        CHECK(cudaMemset(xs, 0, units * sizeof(float)));
+        CHECK(cudaMalloc(&out, s.rows * sizeof(float)));
+        const int reps = 50;
+        const double mb = (code_bytes + scale_bytes) / 1e6;
+        std::printf("| %s | %.1f |", s.name, mb);
+        auto report = [&](float us) { std::printf(" %.1f us, %.0f GB/s |", us, mb * 1e3 / us); };
+        report(time_us([&](int i) {
+            gemv_f16<4><<<tiles, kWarps * 32>>>(codes[i % copies], scales[i % copies], x, out, units);
+        }, reps));
+        report(time_us([&](int i) {
+            gemv_f16<8><<<tiles, kWarps * 32>>>(codes[i % copies], scales[i % copies], x, out, units);
+        }, reps));
+        report(time_us([&](int i) {
+            gemv_int8<4><<<tiles, kWarps * 32>>>(codes[i % copies], scales[i % copies], xq, xs, out, units);
+        }, reps));
+        report(time_us([&](int i) {
+            gemv_int8<8><<<tiles, kWarps * 32>>>(codes[i % copies], scales[i % copies], xq, xs, out, units);
+        }, reps));
+        std::printf("\n");
+        for (int c = 0; c < copies; ++c) {
+            CHECK(cudaFree(codes[c]));
+            CHECK(cudaFree(scales[c]));
+        }
+        CHECK(cudaFree(x));
+        CHECK(cudaFree(xq));
+        CHECK(cudaFree(xs));
+        CHECK(cudaFree(out));
+    }
+    return 0;
+}
