@@ -8,8 +8,9 @@
 //   int8  codes as bytes ((w >> 2i) & 0x03030303: 4 weights per shift + mask) into
 //         mma.m16n8k32.s8 with int8 activations, the group scale applied to each group's int32
 //         sum afterwards (the layout where an mma's inputs share one group, docs/CUDA.md "Next").
-// Each is run with four and with eight units in flight per warp. It prints the time per matrix
-// and its read rate; the results feed docs/CUDA.md.
+// Each runs with four and with eight units in flight per warp, and both run once more fed by a
+// bulk-copy ring in shared memory (gemv_ring). It prints the time per matrix and its read rate;
+// the results feed docs/CUDA.md ("Next").
 // Build and run on the GPU machine:
 //   nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/gemv_decode_cost.cu -o /tmp/decode_cost && /tmp/decode_cost
 #include <cuda_fp16.h>
@@ -17,6 +18,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <vector>
 
@@ -170,6 +172,165 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_int8(const uint4 *codes, con
     finish_tile(red, acc, out);
 }
 
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+    uint32_t ok = 0;
+    while (!ok)
+        asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
+                     : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity));
+}
+
+// int8 decode fed by a bulk-copy ring: a producer warp copies chunks of 8 units (codes and scales
+// of one tile, contiguous) into S shared-memory stages with cp.async.bulk; each of 8 consumer
+// warps decodes one unit per chunk. Blocks walk tiles b, b + G, ...; the activation (int8) sits
+// in shared memory. Bytes in flight per SM no longer cost registers.
+// INT8 false: the same ring feeding today's f16 decode (exact; activations f16 in shared memory).
+template <int S, bool INT8>
+__global__ void __launch_bounds__(9 * 32) gemv_ring(const uint4 *codes, const uint2 *scales, const int8_t *xq,
+                                                  const __half *xh, const float *xscale, float *out, int units,
+                                                  int tiles) {
+    constexpr int CH = 8, kCodeBytes = CH * 512, kScaleBytes = CH * 128;
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char *ring = smem;                                   // S x (codes, scales)
+    int8_t *xs = reinterpret_cast<int8_t *>(smem + S * (kCodeBytes + kScaleBytes));
+    __half *xsh = reinterpret_cast<__half *>(xs);  // INT8 false
+    float *xsc = reinterpret_cast<float *>(xs + units * 128 * (INT8 ? 1 : 2));
+    __shared__ __align__(8) uint64_t full[S], empty[S];
+    __shared__ float red[2][kWarps][16];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int chunks = (units + CH - 1) / CH;
+    const int my_tiles = tiles > static_cast<int>(blockIdx.x) ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < S; ++i) {
+            asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
+            asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[i])), "r"(kWarps));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n");
+    }
+    for (int i = threadIdx.x; i < units * 8 * (INT8 ? 1 : 2); i += blockDim.x)
+        reinterpret_cast<uint4 *>(xs)[i] = INT8 ? reinterpret_cast<const uint4 *>(xq)[i] : reinterpret_cast<const uint4 *>(xh)[i];
+    for (int i = threadIdx.x; i < units; i += blockDim.x) xsc[i] = xscale[i];
+    __syncthreads();
+    if (warp == kWarps) {  // producer
+        if (lane == 0) {
+            int it = 0;
+            for (int ti = 0; ti < my_tiles; ++ti) {
+                const size_t tile = blockIdx.x + static_cast<size_t>(ti) * gridDim.x;
+                for (int c = 0; c < chunks; ++c, ++it) {
+                    const int st = it % S;
+                    if (it >= S) mbar_wait(&empty[st], ((it / S) & 1) ^ 1);
+                    const int n = units - c * CH < CH ? units - c * CH : CH;
+                    unsigned char *dst = ring + st * (kCodeBytes + kScaleBytes);
+                    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[st])),
+                                 "r"(n * 640));
+                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                                 ::"r"(smem_addr(dst)), "l"(codes + (tile * units + c * CH) * 32), "r"(n * 512),
+                                 "r"(smem_addr(&full[st])) : "memory");
+                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                                 ::"r"(smem_addr(dst + kCodeBytes)), "l"(scales + (tile * units + c * CH) * 16),
+                                 "r"(n * 128), "r"(smem_addr(&full[st])) : "memory");
+                }
+            }
+        }
+        return;
+    }
+    float acc[4] = {};
+    int it = 0;
+    for (int ti = 0; ti < my_tiles; ++ti) {
+        const size_t tile = blockIdx.x + static_cast<size_t>(ti) * gridDim.x;
+        for (int c = 0; c < chunks; ++c, ++it) {
+            const int st = it % S;
+            mbar_wait(&full[st], (it / S) & 1);
+            const int u = c * CH + warp;
+            if (u < units) {
+                const unsigned char *base = ring + st * (kCodeBytes + kScaleBytes);
+                const uint4 q = reinterpret_cast<const uint4 *>(base)[warp * 32 + lane];
+                const uint2 sm0 = reinterpret_cast<const uint2 *>(base + kCodeBytes)[warp * 16 + lane / 4];
+                const uint2 sm1 = reinterpret_cast<const uint2 *>(base + kCodeBytes)[warp * 16 + 8 + lane / 4];
+                if constexpr (INT8) {
+                    const uint4 x0 = lane < 4 ? *reinterpret_cast<const uint4 *>(xs + u * 128 + (lane % 4) * 32) : make_uint4(0, 0, 0, 0);
+                    const uint4 x1 = lane < 4 ? *reinterpret_cast<const uint4 *>(xs + u * 128 + (lane % 4) * 32 + 16) : make_uint4(0, 0, 0, 0);
+                    const float xscale_u = xsc[u];
+                    __syncwarp();
+                    if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
+    #pragma unroll
+                    for (int g = 0; g < 2; ++g) {
+                        int ci[4] = {0, 0, 0, 0};
+    #pragma unroll
+                        for (int wj = 2 * g; wj < 2 * g + 2; ++wj) {
+                            const uint32_t w = word_of(q, wj);
+                            const uint4 &xv = wj < 2 ? x0 : x1;
+                            const uint32_t b0 = word_of(xv, (wj % 2) * 2), b1 = word_of(xv, (wj % 2) * 2 + 1);
+                            asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                                         : "+r"(ci[0]), "+r"(ci[1]), "+r"(ci[2]), "+r"(ci[3])
+                                         : "r"(w & 0x03030303u), "r"((w >> 2) & 0x03030303u), "r"((w >> 4) & 0x03030303u),
+                                           "r"((w >> 6) & 0x03030303u), "r"(b0), "r"(b1));
+                        }
+                        const uint2 &sm = g == 0 ? sm0 : sm1;
+                        const float s_lo = __low2float(*reinterpret_cast<const __half2 *>(&sm.x)) * xscale_u;
+                        const float s_hi = __low2float(*reinterpret_cast<const __half2 *>(&sm.y)) * xscale_u;
+                        acc[0] += s_lo * static_cast<float>(ci[0]);
+                        acc[1] += s_lo * static_cast<float>(ci[1]);
+                        acc[2] += s_hi * static_cast<float>(ci[2]);
+                        acc[3] += s_hi * static_cast<float>(ci[3]);
+                    }
+                } else {
+                    uint2 xv[8];
+#pragma unroll
+                    for (int i2 = 0; i2 < 4; ++i2) {
+                        const uint4 v = lane < 4 ? *reinterpret_cast<const uint4 *>(xsh + u * 128 + (lane % 4) * 32 + 8 * i2)
+                                                 : make_uint4(0, 0, 0, 0);
+                        xv[2 * i2] = make_uint2(v.x, v.y);
+                        xv[2 * i2 + 1] = make_uint2(v.z, v.w);
+                    }
+                    __syncwarp();
+                    if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
+                    const uint32_t bias = 0x64006400u;
+                    const uint2 &sm = (lane % 4) < 2 ? sm0 : sm1;
+                    const __half2 lo = *reinterpret_cast<const __half2 *>(&sm.x);
+                    const __half2 hi = *reinterpret_cast<const __half2 *>(&sm.y);
+                    float part[2][4] = {};
+#pragma unroll
+                    for (int t = 0; t < 8; ++t) {
+                        uint32_t a[4];
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const uint32_t b = lop3_mask_or(word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r)), 0x00030003u, bias);
+                            __half2 c = __hsub2(*reinterpret_cast<const __half2 *>(&b), *reinterpret_cast<const __half2 *>(&bias));
+                            c = (r % 2 == 0) ? __hfma2(c, __low2half2(lo), __high2half2(lo)) : __hfma2(c, __low2half2(hi), __high2half2(hi));
+                            a[r] = *reinterpret_cast<uint32_t *>(&c);
+                        }
+                        float *d = part[t % 2];
+                        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(xv[t].x), "r"(xv[t].y));
+                    }
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[e] += part[0][e] + part[1][e];
+                }
+            } else {
+                __syncwarp();
+                if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
+            }
+        }
+        // The tile's partial sums meet (consumer warps only: named barrier 1).
+        const int buf = ti & 1;
+        if (lane % 4 == 0) {
+            red[buf][warp][lane / 4] = acc[0];
+            red[buf][warp][lane / 4 + 8] = acc[2];
+        }
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kWarps * 32));
+        if (threadIdx.x < 16) {
+            float v = 0.f;
+            for (int w = 0; w < kWarps; ++w) v += red[buf][w][threadIdx.x];
+            out[tile * 16 + threadIdx.x] = v;
+        }
+    }
+}
+
 template <class F>
 float time_us(F launch, int reps) {
     cudaEvent_t a, b;
@@ -192,7 +353,10 @@ int main() {
     const Shape shapes[] = {{"o_proj 4096x4096", 4096, 4096}, {"qkv 12288x4096", 12288, 4096},
                             {"gate_up 22016x4096", 22016, 4096}, {"down 4096x11008", 4096, 11008},
                             {"head 32000x4096", 32000, 4096}};
-    std::printf("| matrix | MB | f16, 4 units in flight | f16, 8 | int8, 4 | int8, 8 |\n|---|---|---|---|---|---|\n");
+    int sms = 0;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    std::printf("| matrix | MB | f16, 4 units in flight | f16, 8 | int8, 4 | int8, 8 | int8, ring | f16, ring |\n"
+                "|---|---|---|---|---|---|---|---|\n");
     for (const Shape &s : shapes) {
         const int tiles = s.rows / 16, units = (s.k + 127) / 128;
         const size_t n_slots = static_cast<size_t>(tiles) * units * 32;
@@ -232,6 +396,17 @@ int main() {
         }, reps));
         report(time_us([&](int i) {
             gemv_int8<8><<<tiles, kWarps * 32>>>(codes[i % copies], scales[i % copies], xq, xs, out, units);
+        }, reps));
+        auto ring_smem = [&](int stages, bool int8) { return stages * 8 * 640 + units * 128 * (int8 ? 1 : 2) + units * 4; };
+        CHECK(cudaFuncSetAttribute(gemv_ring<8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_smem(8, true)));
+        CHECK(cudaFuncSetAttribute(gemv_ring<8, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_smem(8, false)));
+        report(time_us([&](int i) {
+            gemv_ring<8, true><<<std::min(tiles, 2 * sms), 9 * 32, ring_smem(8, true)>>>(
+                codes[i % copies], scales[i % copies], xq, x, xs, out, units, tiles);
+        }, reps));
+        report(time_us([&](int i) {
+            gemv_ring<8, false><<<std::min(tiles, 2 * sms), 9 * 32, ring_smem(8, false)>>>(
+                codes[i % copies], scales[i % copies], xq, x, xs, out, units, tiles);
         }, reps));
         std::printf("\n");
         for (int c = 0; c < copies; ++c) {
