@@ -3,8 +3,8 @@
 // Same shape of work as csrc/cuda/gemv.cu (one block of 8 warps per 16-row tile, 512-byte units
 // of 16 rows x 128 inputs, four units in flight per warp, partial sums meeting in shared memory),
 // on random codes, with two ways of turning codes into tensor-core work:
-//   f16   today's route: per two weights a shift, a LOP3 (mask | 1024 bias), HSUB2 and HFMA2
-//         (scale and min), then mma.m16n8k16 with f16 activations;
+//   f16   today's route, the runtime's own decoder (csrc/cuda/decode.cuh): per two weights a
+//         shift, a LOP3 (mask | 1024 bias), HSUB2 and HFMA2, then mma.m16n8k16 (f16 activations);
 //   int8  codes as bytes ((w >> 2i) & 0x03030303: 4 weights per shift + mask) into
 //         mma.m16n8k32.s8 with int8 activations, the group scale applied to each group's int32
 //         sum afterwards (the layout where an mma's inputs share one group, docs/CUDA.md "Next").
@@ -22,30 +22,33 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (x);                                                                 \
-        if (e_ != cudaSuccess) {                                                              \
-            std::printf("%s: %s\n", #x, cudaGetErrorString(e_));                              \
-            std::exit(1);                                                                     \
-        }                                                                                     \
-    } while (0)
+#include "../csrc/cuda/decode.cuh"
+#include "cuda_bench_util.cuh"
 
 constexpr int kWarps = 8;
 
-__device__ __forceinline__ uint4 load_na(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
+using pumice::cuda::word_of;
+
+// Unit u of this block's tile: the lane's 16 bytes of codes, and where its scale pairs start
+// (two groups of 64 inputs per unit, 8 row pairs each).
+__device__ __forceinline__ uint4 unit_codes(const uint4 *codes, int units, int u, int lane) {
+    return pumice::cuda::load_stream(codes + (static_cast<size_t>(blockIdx.x) * units + u) * 32 + lane);
 }
-__device__ __forceinline__ uint32_t word_of(const uint4 &q, int i) {
-    return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+__device__ __forceinline__ const uint2 *unit_scales(const uint2 *scales, int units, int u, int lane) {
+    return scales + (static_cast<size_t>(blockIdx.x) * units + u) * 16 + lane / 4;
 }
-__device__ __forceinline__ uint32_t lop3_mask_or(uint32_t v, uint32_t mask, uint32_t bias) {
-    uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(v), "r"(mask), "r"(bias));
-    return d;
+
+// Today's f16 decode of one lane's unit (the runtime's own UnitDecoder: 16 B of 2-bit codes,
+// scale and min of its two rows) into eight m16n8k16 mmas, alternating two accumulators.
+__device__ __forceinline__ void f16_unit_mma(const uint4 &q, const uint2 &sm, const uint2 xs[8], float acc[2][4]) {
+    const pumice::cuda::UnitDecoder<2> dec(q, make_uint2(0, 0), sm);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        uint32_t a[4];
+        dec.ktile(t, a);
+        const uint32_t b[2] = {xs[t].x, xs[t].y};
+        pumice::cuda::mma_16816(acc[t % 2], a, b);
+    }
 }
 
 // Reduces the warps' accumulators of one tile (rows 0..15 of column 0) and writes them.
@@ -68,8 +71,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_f16(const uint4 *codes, cons
                                                          float *out, int units) {
     __shared__ float red[kWarps][16];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint32_t bias = 0x64006400u;
-    float acc[4][4] = {};
+    float acc[2][4] = {};
     const __half *xl = x + (lane % 4) * 32;
     for (int u0 = warp; u0 < units; u0 += kUnitsInFlight * kWarps) {
         uint4 q[kUnitsInFlight];
@@ -79,10 +81,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_f16(const uint4 *codes, cons
         for (int j = 0; j < kUnitsInFlight; ++j) {
             const int u = u0 + j * kWarps;
             if (u >= units) break;
-            const size_t slot = (static_cast<size_t>(blockIdx.x) * units + u) * 32 + lane;
-            q[j] = load_na(codes + slot);
+            q[j] = unit_codes(codes, units, u, lane);
             // The lane's 32 inputs lie in one group of 64: quads 0-1 the first, 2-3 the second.
-            sm[j] = scales[((static_cast<size_t>(blockIdx.x) * units + u) * 2 + (lane % 4) / 2) * 8 + lane / 4];
+            sm[j] = unit_scales(scales, units, u, lane)[(lane % 4) / 2 * 8];
 #pragma unroll
             for (int i2 = 0; i2 < 4; ++i2) {
                 const uint4 v = lane < 4 ? *reinterpret_cast<const uint4 *>(xl + u * 128 + 8 * i2) : make_uint4(0, 0, 0, 0);
@@ -93,27 +94,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_f16(const uint4 *codes, cons
 #pragma unroll
         for (int j = 0; j < kUnitsInFlight; ++j) {
             if (u0 + j * kWarps >= units) break;
-            const __half2 lo = *reinterpret_cast<const __half2 *>(&sm[j].x);
-            const __half2 hi = *reinterpret_cast<const __half2 *>(&sm[j].y);
-#pragma unroll
-            for (int t = 0; t < 8; ++t) {
-                uint32_t a[4];
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const uint32_t b = lop3_mask_or(word_of(q[j], t / 2) >> (2 * ((t % 2) * 4 + r)), 0x00030003u, bias);
-                    __half2 c = __hsub2(*reinterpret_cast<const __half2 *>(&b), *reinterpret_cast<const __half2 *>(&bias));
-                    c = (r % 2 == 0) ? __hfma2(c, __low2half2(lo), __high2half2(lo)) : __hfma2(c, __low2half2(hi), __high2half2(hi));
-                    a[r] = *reinterpret_cast<uint32_t *>(&c);
-                }
-                float *d = acc[t % 4];
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(xs[j][t].x), "r"(xs[j][t].y));
-            }
+            f16_unit_mma(q[j], sm[j], xs[j], acc);
         }
     }
     float c[4];
-    for (int e = 0; e < 4; ++e) c[e] = acc[0][e] + acc[1][e] + acc[2][e] + acc[3][e];
+    for (int e = 0; e < 4; ++e) c[e] = acc[0][e] + acc[1][e];
     finish_tile(red, c, out);
 }
 
@@ -135,11 +120,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_int8(const uint4 *codes, con
         for (int j = 0; j < kUnitsInFlight; ++j) {
             const int u = u0 + j * kWarps;
             if (u >= units) break;
-            const size_t slot = (static_cast<size_t>(blockIdx.x) * units + u) * 32 + lane;
-            q[j] = load_na(codes + slot);
+            q[j] = unit_codes(codes, units, u, lane);
             // Every mma's inputs lie in one group: the lane needs both groups' scales.
-            sm[j][0] = scales[((static_cast<size_t>(blockIdx.x) * units + u) * 2) * 8 + lane / 4];
-            sm[j][1] = scales[((static_cast<size_t>(blockIdx.x) * units + u) * 2 + 1) * 8 + lane / 4];
+            sm[j][0] = unit_scales(scales, units, u, lane)[0];
+            sm[j][1] = unit_scales(scales, units, u, lane)[8];
             xs[j][0] = lane < 4 ? *reinterpret_cast<const uint4 *>(xl + u * 128) : make_uint4(0, 0, 0, 0);
             xs[j][1] = lane < 4 ? *reinterpret_cast<const uint4 *>(xl + u * 128 + 16) : make_uint4(0, 0, 0, 0);
             xsc[j] = xscale[u];
@@ -170,16 +154,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_int8(const uint4 *codes, con
         }
     }
     finish_tile(red, acc, out);
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    uint32_t ok = 0;
-    while (!ok)
-        asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
-                     : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity));
 }
 
 // int8 decode fed by a bulk-copy ring: a producer warp copies chunks of 8 units (codes and scales
@@ -287,26 +261,8 @@ __global__ void __launch_bounds__(9 * 32) gemv_ring(const uint4 *codes, const ui
                     }
                     __syncwarp();
                     if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
-                    const uint32_t bias = 0x64006400u;
-                    const uint2 &sm = (lane % 4) < 2 ? sm0 : sm1;
-                    const __half2 lo = *reinterpret_cast<const __half2 *>(&sm.x);
-                    const __half2 hi = *reinterpret_cast<const __half2 *>(&sm.y);
                     float part[2][4] = {};
-#pragma unroll
-                    for (int t = 0; t < 8; ++t) {
-                        uint32_t a[4];
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const uint32_t b = lop3_mask_or(word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r)), 0x00030003u, bias);
-                            __half2 c = __hsub2(*reinterpret_cast<const __half2 *>(&b), *reinterpret_cast<const __half2 *>(&bias));
-                            c = (r % 2 == 0) ? __hfma2(c, __low2half2(lo), __high2half2(lo)) : __hfma2(c, __low2half2(hi), __high2half2(hi));
-                            a[r] = *reinterpret_cast<uint32_t *>(&c);
-                        }
-                        float *d = part[t % 2];
-                        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(xv[t].x), "r"(xv[t].y));
-                    }
+                    f16_unit_mma(q, (lane % 4) < 2 ? sm0 : sm1, xv, part);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[e] += part[0][e] + part[1][e];
                 }

@@ -13,21 +13,8 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define CHECK(x)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (x);                                                                 \
-        if (e_ != cudaSuccess) {                                                              \
-            std::printf("%s: %s\n", #x, cudaGetErrorString(e_));                              \
-            std::exit(1);                                                                     \
-        }                                                                                     \
-    } while (0)
-
-__device__ __forceinline__ uint4 load_na(const uint4 *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+#include "../csrc/cuda/decode.cuh"
+#include "cuda_bench_util.cuh"
 
 template <int U>
 __global__ void __launch_bounds__(256) plain_kernel(const uint4 *buf, int64_t pieces, int work, unsigned *sink) {
@@ -40,7 +27,7 @@ __global__ void __launch_bounds__(256) plain_kernel(const uint4 *buf, int64_t pi
 #pragma unroll
         for (int j = 0; j < U; ++j) {
             const int64_t p = p0 + j * warps;
-            v[j] = p < pieces ? load_na(buf + p * 32 + lane) : make_uint4(0, 0, 0, 0);
+            v[j] = p < pieces ? pumice::cuda::load_stream(buf + p * 32 + lane) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int j = 0; j < U; ++j) {
@@ -50,10 +37,6 @@ __global__ void __launch_bounds__(256) plain_kernel(const uint4 *buf, int64_t pi
         }
     }
     if (acc == 0x12345678u) *sink = acc;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 template <int S>
@@ -77,12 +60,7 @@ __global__ void __launch_bounds__(288) bulk_kernel(const char *buf, int64_t piec
             for (int64_t p = blockIdx.x; p < pieces; p += gridDim.x, ++it) {
                 const int s = it % S;
                 const uint32_t phase = (it / S) & 1;
-                if (it >= S) {  // wait until the consumers released this stage
-                    uint32_t ok = 0;
-                    while (!ok)
-                        asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
-                                     : "=r"(ok) : "r"(smem_addr(&empty[s])), "r"(phase ^ 1));
-                }
+                if (it >= S) mbar_wait(&empty[s], phase ^ 1);  // the consumers released this stage
                 asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[s])), "r"(kPiece));
                 asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                              ::"r"(smem_addr(ring + s * kPiece)), "l"(buf + p * kPiece), "r"(kPiece),
@@ -97,10 +75,7 @@ __global__ void __launch_bounds__(288) bulk_kernel(const char *buf, int64_t piec
     for (int64_t p = blockIdx.x; p < pieces; p += gridDim.x, ++it) {
         const int s = it % S;
         const uint32_t phase = (it / S) & 1;
-        uint32_t ok = 0;
-        while (!ok)
-            asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
-                         : "=r"(ok) : "r"(smem_addr(&full[s])), "r"(phase));
+        mbar_wait(&full[s], phase);
         const uint4 *piece = reinterpret_cast<const uint4 *>(ring + s * kPiece);
         for (int i = warp * 32 + lane; i < kPiece / 16; i += consumer_warps * 32) {
             const uint4 v = piece[i];

@@ -1,0 +1,29 @@
+// cuda_bench_util.cuh — the pieces the standalone CUDA benchmarks share (read_bandwidth.cu,
+// gemv_decode_cost.cu): error checks and mbarrier waits.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#define CHECK(x)                                                                              \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) {                                                              \
+            std::printf("%s: %s\n", #x, cudaGetErrorString(e_));                              \
+            std::exit(1);                                                                     \
+        }                                                                                     \
+    } while (0)
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Spins until the mbarrier's phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+    uint32_t ok = 0;
+    while (!ok)
+        asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
+                     : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity));
+}
