@@ -317,7 +317,7 @@ class Generator:
             first_token_at = time.perf_counter()
             stats["prefill_seconds"] = first_token_at - started
 
-            sampler = Sampler(params, self.model.vocab_size, prompt_ids)
+            sampler = None if native is not None else Sampler(params, self.model.vocab_size, prompt_ids)
             stop_ids = stop_token_set(params, self.tokenizer.eos_token_ids)
             decoder = self.tokenizer.stream_decoder(prompt_ids)
             stops = StopStringMatcher(params.stop)

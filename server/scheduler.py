@@ -438,8 +438,9 @@ class Engine:
                 self._fail(seq, _as_api_error(exc))
                 continue
             seq.prefilled = len(seq.slot.cached)
-            seq.sampler = Sampler(seq.params, self.model.vocab_size, seq.prompt)
             seq.native = native_sampling(seq.params) if self._native else None
+            if seq.native is None:  # the host samples: logprobs, penalties, or a CPU model
+                seq.sampler = Sampler(seq.params, self.model.vocab_size, seq.prompt)
             seq.decoder = self.model.new_stream_decoder(seq.prompt)
             self._active.append(seq)
 
