@@ -60,3 +60,14 @@ def convert_smollm2(smollm2_dir):
         return out
 
     return make
+
+
+@pytest.fixture
+def native_model_class():
+    """NativeModel, or a skip when no native library is built (tests that need only the CPU one)."""
+    try:
+        from pumice.runtime.native import NativeModel, load_library
+        load_library()
+    except Exception as exc:  # no native library built
+        pytest.skip(f"native library unavailable: {exc}")
+    return NativeModel

@@ -73,3 +73,24 @@ def graph_and_direct_logits(path, monkeypatch, tokens=(5, 6, 7, 8, 9, 10)):
             s.forward(list(tokens[:3]))
             out[mode] = np.stack([s.forward([t]) for t in tokens[3:]])
     return out
+
+
+def assert_matches_reference(path, weights, config, tol: float) -> None:
+    """The CUDA backend against the float64 reference (tiny_model.reference_logits) on 60 random
+    tokens: a 40-token prompt (more than 16 tokens: the prefill path), 20 single-token decode
+    steps (CUDA graphs), then prompts of 13 and 16 tokens, each one multi-column decode step."""
+    import numpy as np
+    from pumice.runtime.native import NativeModel
+    from tiny_model import reference_logits, relative_error
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, config["vocab_size"], size=60).tolist()
+    ref = reference_logits(weights, config, tokens)
+    with NativeModel(path, device="cuda") as model:
+        s = model.new_session(256)
+        assert relative_error(s.forward(tokens[:40], logits_all=True), ref[:40]) < tol
+        for i in range(40, 60):
+            assert relative_error(s.forward([tokens[i]]), ref[i]) < tol, i
+        assert s.n_past == 60
+        s2 = model.new_session(64)
+        assert relative_error(s2.forward(tokens[:13], logits_all=True), ref[:13]) < tol
+        assert relative_error(s2.forward(tokens[13:29], logits_all=True), ref[13:29]) < tol

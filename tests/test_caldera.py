@@ -206,18 +206,9 @@ def test_bad_params_are_rejected(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Native kernels
 
-def _native():
-    try:
-        from pumice.runtime.native import NativeModel, load_library
-        load_library()
-    except Exception as exc:  # no native library built
-        pytest.skip(f"native library unavailable: {exc}")
-    return NativeModel
-
-
 @pytest.mark.parametrize("activations", ["f32", "int8"])
-def test_native_kernel_matches_float64_reconstruction(tmp_path, monkeypatch, activations):
-    NativeModel = _native()
+def test_native_kernel_matches_float64_reconstruction(tmp_path, monkeypatch, activations, native_model_class):
+    NativeModel = native_model_class
     monkeypatch.setenv("PUMICE_RTN_ACTIVATIONS", activations)
     path = tmp_path / "c.pumice"
     cases = _write_examples(path)
@@ -291,9 +282,9 @@ def test_calibration_cache_round_trip(smollm2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_caldera_logits_match_torch_reconstruction(convert_smollm2, smollm2_dir,
-                                                          monkeypatch):
+                                                          monkeypatch, native_model_class):
     transformers = pytest.importorskip("transformers")
-    NativeModel = _native()
+    NativeModel = native_model_class
     from pumice.format.reader import PumiceFile
 
     # A fast configuration (few candidates, tiny calibration): this checks the runtime, not

@@ -385,19 +385,10 @@ def test_factored_reference_matches_the_reader(kernel_cases_file):
             assert np.abs(factored_apply(fac, x) - ref).max() < 1e-5 * np.abs(ref).max(), name
 
 
-def _native_cpu():
-    try:
-        from pumice.runtime.native import NativeModel, load_library
-        load_library()
-    except Exception as exc:  # no native library built
-        pytest.skip(f"native library unavailable: {exc}")
-    return NativeModel
-
-
-def test_cpu_backend_matches_factored_reference(kernel_cases_file, monkeypatch):
+def test_cpu_backend_matches_factored_reference(kernel_cases_file, monkeypatch, native_model_class):
     from caldera_tensors import factored_apply
     from tiny_model import relative_error
-    NativeModel = _native_cpu()
+    NativeModel = native_model_class
     monkeypatch.setenv("PUMICE_RTN_ACTIVATIONS", "f32")  # the CPU kernels' exact paths
     monkeypatch.setenv("PUMICE_BCQ_LUT", "exact4")
     path, factors = kernel_cases_file
@@ -409,10 +400,10 @@ def test_cpu_backend_matches_factored_reference(kernel_cases_file, monkeypatch):
             assert relative_error(model.linear_apply(name, x), factored_apply(fac, x)) < 1e-5, name
 
 
-def test_caldera_llama_runs_on_the_cpu_backend(tmp_path, monkeypatch):
+def test_caldera_llama_runs_on_the_cpu_backend(tmp_path, monkeypatch, native_model_class):
     from caldera_tensors import file_weights, write_caldera_llama
     from tiny_model import reference_logits, relative_error
-    NativeModel = _native_cpu()
+    NativeModel = native_model_class
     monkeypatch.setenv("PUMICE_RTN_ACTIVATIONS", "f32")
     monkeypatch.setenv("PUMICE_BCQ_LUT", "exact4")
     path = tmp_path / "llama.pumice"

@@ -25,7 +25,8 @@ from pumice.runtime.native import ContextFullError, NativeModel, OutOfMemoryErro
 
 from tiny_model import quantize_rtn, reference_logits, relative_error, write_tiny_llama
 
-from cuda_support import assert_greedy_agrees, graph_and_direct_logits, greedy_on, skip_module_without_cuda
+from cuda_support import (assert_greedy_agrees, assert_matches_reference, graph_and_direct_logits, greedy_on,
+                          skip_module_without_cuda)
 
 pytestmark = pytest.mark.cuda
 
@@ -116,21 +117,7 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS, ids=_kind_id)
 def test_prefill_and_decode_match_reference(tiny_models, kind):
     path, weights, config = tiny_models[kind]
-    rng = np.random.default_rng(5)
-    tokens = rng.integers(0, config["vocab_size"], size=60).tolist()
-    ref = reference_logits(weights, config, tokens)
-    with NativeModel(path, device="cuda") as model:
-        s = model.new_session(256)
-        prefill = s.forward(tokens[:40], logits_all=True)  # > 16 tokens: the GEMM path
-        assert relative_error(prefill, ref[:40]) < 2e-2
-        for i in range(40, 60):  # decode, one token at a time (CUDA graph)
-            logits = s.forward([tokens[i]])
-            assert relative_error(logits, ref[i]) < 2e-2, i
-        assert s.n_past == 60
-        # A prompt of at most 16 tokens runs as one multi-column decode step.
-        s2 = model.new_session(64)
-        assert relative_error(s2.forward(tokens[:13], logits_all=True), ref[:13]) < 2e-2
-        assert relative_error(s2.forward(tokens[13:29], logits_all=True), ref[13:29]) < 2e-2
+    assert_matches_reference(path, weights, config, 2e-2)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=_kind_id)

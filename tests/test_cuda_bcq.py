@@ -27,9 +27,9 @@ from pumice.format.writer import PumiceWriter
 from pumice.runtime.native import NativeModel, PumiceFormatError, decode_batch
 
 from bcq_gpu_model import random_bcq
-from tiny_model import reference_logits, relative_error, tensor_names, tensor_shape, tiny_config, tiny_metadata
+from tiny_model import relative_error, tensor_names, tensor_shape, tiny_config, tiny_metadata
 
-from cuda_support import assert_greedy_agrees, greedy_on, skip_module_without_cuda
+from cuda_support import assert_greedy_agrees, assert_matches_reference, greedy_on, skip_module_without_cuda
 
 pytestmark = pytest.mark.cuda
 
@@ -217,19 +217,7 @@ def tiny_bcq(tmp_path_factory):
 
 def test_tiny_bcq_llama_matches_reference(tiny_bcq):
     path, weights, config = tiny_bcq
-    rng = np.random.default_rng(5)
-    tokens = rng.integers(0, config["vocab_size"], size=60).tolist()
-    ref = reference_logits(weights, config, tokens)
-    with NativeModel(path, device="cuda") as model:
-        s = model.new_session(256)
-        prefill = s.forward(tokens[:40], logits_all=True)  # > 16 tokens: dequantize_f16 + GEMM
-        assert relative_error(prefill, ref[:40]) < 2e-2
-        for i in range(40, 60):  # decode, one column (CUDA graph)
-            assert relative_error(s.forward([tokens[i]]), ref[i]) < 2e-2, i
-        # At most 16 tokens: one multi-column decode step (the paired-column kernel).
-        s2 = model.new_session(64)
-        assert relative_error(s2.forward(tokens[:13], logits_all=True), ref[:13]) < 2e-2
-        assert relative_error(s2.forward(tokens[13:29], logits_all=True), ref[13:29]) < 2e-2
+    assert_matches_reference(path, weights, config, 2e-2)  # prefill: dequantize_f16 + GEMM
 
 
 def test_tiny_bcq_llama_greedy_equals_cpu_backend(tiny_bcq, monkeypatch):

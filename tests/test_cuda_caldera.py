@@ -26,9 +26,10 @@ from pumice.runtime.native import NativeModel
 
 from caldera_tensors import (BIG_CASE, KERNEL_CASES, factored_apply, file_weights, write_caldera_llama,
                              write_tensors)
-from tiny_model import reference_logits, relative_error
+from tiny_model import relative_error
 
-from cuda_support import assert_greedy_agrees, graph_and_direct_logits, greedy_on, skip_module_without_cuda
+from cuda_support import (assert_greedy_agrees, assert_matches_reference, graph_and_direct_logits, greedy_on,
+                          skip_module_without_cuda)
 
 pytestmark = pytest.mark.cuda
 
@@ -125,18 +126,7 @@ def test_llama_prefill_and_decode_match_reference(llama, cublas, monkeypatch):
     if cublas == "off":
         monkeypatch.setenv("PUMICE_CUBLAS", "off")
     path, config, weights = llama
-    rng = np.random.default_rng(5)
-    tokens = rng.integers(0, config["vocab_size"], size=60).tolist()
-    ref = reference_logits(weights, config, tokens)
-    with NativeModel(path, device="cuda") as model:
-        s = model.new_session(256)
-        prefill = s.forward(tokens[:40], logits_all=True)
-        assert relative_error(prefill, ref[:40]) < MODEL_TOL
-        for i in range(40, 60):
-            assert relative_error(s.forward([tokens[i]]), ref[i]) < MODEL_TOL, i
-        s2 = model.new_session(64)
-        assert relative_error(s2.forward(tokens[:13], logits_all=True), ref[:13]) < MODEL_TOL
-        assert relative_error(s2.forward(tokens[13:29], logits_all=True), ref[13:29]) < MODEL_TOL
+    assert_matches_reference(path, weights, config, MODEL_TOL)
 
 
 def test_llama_greedy_tokens_equal_cpu_backend(llama, monkeypatch):
