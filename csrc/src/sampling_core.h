@@ -33,25 +33,15 @@ namespace sampling {
 constexpr float kLogWeightCut = -27.8f;
 constexpr float kMassScale = 1099511627776.0f;  // 2^40
 
-PUMICE_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-    return __float_as_uint(x);
-#else
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    return u;
-#endif
+// The bits of a float as uint32 and back (memcpy: defined behaviour, a register move on both sides).
+template <class To, class From> PUMICE_HD To bit_copy(From v) {
+    static_assert(sizeof(To) == sizeof(From), "bit_copy needs equal sizes");
+    To out;
+    std::memcpy(&out, &v, sizeof out);
+    return out;
 }
-
-PUMICE_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(u);
-#else
-    float x;
-    std::memcpy(&x, &u, sizeof x);
-    return x;
-#endif
-}
+PUMICE_HD uint32_t float_bits(float x) { return bit_copy<uint32_t>(x); }
+PUMICE_HD float bits_float(uint32_t u) { return bit_copy<float>(u); }
 
 PUMICE_HD float sanitize(float x) {
     if (x != x) return bits_float(0xff800000u);  // NaN -> -inf
