@@ -202,13 +202,25 @@ def per_token_limit(bits: int) -> int:
     return 8 if bits in (2, 4) else 4
 
 
-def int8_activation_bound(case: RtnCase, x: np.ndarray) -> np.ndarray:
+def int8_steps(case: RtnCase, x: np.ndarray) -> np.ndarray:
+    """[batch, k]: the int8 step (block absmax / 127) that each input is rounded to."""
     kp = -(-case.k // 32) * 32
     xp = np.zeros((x.shape[0], kp))
     xp[:, :case.k] = np.abs(x)
     step = xp.reshape(x.shape[0], kp // 32, 32).max(axis=2) / 127.0  # [batch, blocks]
-    step_per_k = np.repeat(step, 32, axis=1)[:, :case.k]
-    return 0.5 * (1 + 1e-4) * (step_per_k @ np.abs(case.scale_per_k * case.codes).T)
+    return np.repeat(step, 32, axis=1)[:, :case.k]
+
+
+def int8_activation_bound(case: RtnCase, x: np.ndarray) -> np.ndarray:
+    """Worst case: every input off by half a step, all errors aligned with its weight."""
+    return 0.5 * (1 + 1e-4) * (int8_steps(case, x) @ np.abs(case.scale_per_k * case.codes).T)
+
+
+def int8_activation_rms(case: RtnCase, x: np.ndarray) -> float:
+    """Expected norm of the int8 error over all outputs: rounding errors uniform in half a step
+    and independent, each meeting s·c (the mins go through the exact input sums)."""
+    variance = (int8_steps(case, x) ** 2 / 12.0) @ ((case.scale_per_k * case.codes) ** 2).T
+    return float(np.sqrt(variance.sum()))
 
 
 @pytest.mark.parametrize("bits", RTN_BITS)
@@ -227,11 +239,11 @@ def test_rtn_gemv_int8_activations(models, kernel_file, bits):
             bound = int8_activation_bound(case, x64) + F32_RTOL * (np.abs(x64) @ np.abs(case.w64).T)
             err = np.abs(y - y64)
             assert np.all(err <= bound), f"{name}: max error/bound {np.max(err / bound):.3g}"
-            if not outliers:
-                # Without outliers in a block the int8 step is ~1% of the block's range, so the
-                # result stays within a few percent in norm (a check that the bound is not loose
-                # enough to hide a broken kernel).
-                assert np.linalg.norm(y - y64) <= 0.03 * np.linalg.norm(y64), name
+            # The worst-case bound is loose enough to hide a broken kernel; the typical error is
+            # not: in norm it is about its expected size (measured 0.8-1.0x on average and 3x at
+            # most over 60 draws per matrix; the outputs of one token share its roundings, so a
+            # 7-row matrix has a heavy tail). 6x keeps a fresh seed from failing.
+            assert np.linalg.norm(y - y64) <= 6 * int8_activation_rms(case, x64) + 1e-6 * np.linalg.norm(y64), name
 
 
 def test_results_do_not_depend_on_thread_count(kernel_file):
