@@ -61,6 +61,11 @@ MATRICES = [  # name, kind, shape, params
     ("rtn4_g4096", "rtn", (33, 130), {"bits": 4, "group_size": 4096}),
     ("rtn8_g32", "rtn", (80, 96), {"bits": 8, "group_size": 32}),
     ("rtn2_big", "rtn", (4096, 4096), {"bits": 2, "group_size": 64}),
+    # Several passes per warp, a group of two lane quads, and (over 2 * 132 row-tile pairs on an
+    # H100) two tiles per block.
+    ("rtn2_long", "rtn", (64, 11008), {"bits": 2, "group_size": 64}),
+    ("rtn2_g128_odd", "rtn", (48, 9000), {"bits": 2, "group_size": 128}),
+    ("rtn2_tall", "rtn", (8448, 2560), {"bits": 2, "group_size": 32}),
 ]
 
 
