@@ -185,12 +185,15 @@ STEP_VARIANTS = {
     "neither": {"PUMICE_PDL": "0", "PUMICE_CUDA_FUSED_NORM": "0"},
     "gemv_only": {"PUMICE_CUDA_STEP": "gemv"},
     "gemv_only_no_pdl": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_PDL": "0"},
+    "late_reads": {"PUMICE_CUDA_EARLY_READS": "0"},
+    "gemv_only_late_reads": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_EARLY_READS": "0"},
 }
 # One matrix of every layer (and the head) alone: per-shape bandwidth.
 GEMV_PARTS = ("qkv", "o", "gu", "down", "head")
-GEMV_MODES = ("default",)
-for _part in GEMV_PARTS:
-    STEP_VARIANTS[f"default:{_part}"] = {"PUMICE_CUDA_STEP": f"gemv:{_part}"}
+GEMV_MODES = {"default": {}, "late_reads": {"PUMICE_CUDA_EARLY_READS": "0"}}
+for _mode, _mode_env in GEMV_MODES.items():
+    for _part in GEMV_PARTS:
+        STEP_VARIANTS[f"{_mode}:{_part}"] = {"PUMICE_CUDA_STEP": f"gemv:{_part}", **_mode_env}
 
 
 class _env:

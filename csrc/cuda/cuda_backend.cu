@@ -74,7 +74,8 @@ constexpr int kMaxColsForLatencyTricks = 8;
 
 // The settings a captured step depends on (a graph is kept per column count and settings).
 int step_variant(int n_cols) {
-    return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) | (gemv_only_step() << 13);
+    return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) |
+           (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (gemv_only_step() << 13);
 }
 bool graphs_enabled() {
     const char *v = std::getenv("PUMICE_CUDA_GRAPHS");

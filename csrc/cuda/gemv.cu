@@ -55,10 +55,52 @@ __device__ void norm_scales(const Epilogue &e, int c0, int n_cols, float *scale)
     }
 }
 
+// The epilogue's global reads, issued by the GEMV long before its epilogue runs, as
+// asynchronous copies into shared memory (cp.async: no registers held across the main loop,
+// where the GEMV has none to spare). The residual add's rows come from the previous kernel, so
+// they are requested right after pdl_wait; the next norm's weights never change and go first.
+__device__ __forceinline__ void copy_async_4(float *dst, const float *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+                 "l"(src) : "memory");
+}
+__device__ __forceinline__ void wait_async_copies() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// What thread (i, col) of the epilogue reads for rows i and i+8 of each tile, staged.
+template <int R> struct ResidualReads {
+    float resid[R][2];
+    float gain[R][2];
+};
+
+template <int R>
+__device__ void request_norm_gains(const Epilogue &e, int64_t group, int i, ResidualReads<R> &r) {
+#pragma unroll
+    for (int t = 0; t < R; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t lrow = (group * R + t) * 16 + i + 8 * h;
+            if (lrow < e.n_rows) copy_async_4(&r.gain[t][h], e.norm_weight + lrow);
+        }
+}
+
+template <int R>
+__device__ void request_residual(const Epilogue &e, int64_t group, int i, int col, ResidualReads<R> &r) {
+#pragma unroll
+    for (int t = 0; t < R; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t lrow = (group * R + t) * 16 + i + 8 * h;
+            if (lrow < e.n_rows) copy_async_4(&r.resid[t][h], e.out_f32 + col * e.ldo + lrow);
+        }
+}
+
 // Applies the epilogue for pair index i (rows i and i+8 of each tile) of one column.
-// value(t, row) is the finished dot product of tile t (of the block's group) and that row.
+// value(t, row) is the finished dot product of tile t (of the block's group) and that row;
+// pre, when given, holds the residual add's reads (ResidualReads).
 template <int R, class Value>
-__device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, Value value) {
+__device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, Value value,
+                              const ResidualReads<R> *pre = nullptr) {
     switch (e.mode) {
         case EPI_SWIGLU: {
 #pragma unroll
@@ -134,11 +176,11 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
                         e.out_h[col * e.ldo + lrow] = __float2half(v);
                     } else {
                         float &r = e.out_f32[col * e.ldo + lrow];
-                        const float updated = r + v;
+                        const float updated = (pre ? pre->resid[t][h] : r) + v;
                         r = updated;
                         if (e.norm_out) {
-                            e.norm_out[col * e.norm_ldo + lrow] =
-                                __float2half(updated * e.norm_weight[lrow] * kNormPrescale);
+                            const float gain = pre ? pre->gain[t][h] : e.norm_weight[lrow];
+                            e.norm_out[col * e.norm_ldo + lrow] = __float2half(updated * gain * kNormPrescale);
                             ss += updated * updated;
                         }
                     }
@@ -157,8 +199,11 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
     }
 }
 
+// One-tile blocks are held to two per SM (the early residual reads would otherwise push their
+// registers past 128 and leave one); other shapes keep the compiler's choice (0: no minimum —
+// an explicit 1 measured slower, with 6-14 more registers).
 template <int BITS, int R, int NT, int W>
-__global__ void __launch_bounds__(W * 32) gemv_kernel(const GemvCall call) {
+__global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel(const GemvCall call) {
     constexpr int kWarps = W;
     constexpr int KT = unit_ktiles(BITS);
     constexpr int KU = unit_k(BITS);
@@ -174,6 +219,22 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(const GemvCall call) {
     int64_t stored[R];
 #pragma unroll
     for (int t = 0; t < R; ++t) stored[t] = call.tile_base + (group * R + t) * call.tile_stride;
+
+    // The residual add's reads go out early (O and down: one-tile blocks, up to 8 columns), so
+    // that their L2 round trip overlaps the first pass instead of following the last (O 7.5 ->
+    // 7.0 us, down 14.0 -> 12.9 us at Llama-2-7B rtn2; docs/CUDA.md).
+    constexpr bool kEarlyResidual = R == 1 && NT == 1;
+    __shared__ ResidualReads<R> staged_resid[kEarlyResidual ? 8 : 1][8];
+    const bool early_residual = kEarlyResidual && call.early_reads && call.epi.mode == EPI_ADD &&
+                                static_cast<int>(threadIdx.x / 8) < call.batch;
+    auto request_residual_rows = [&] {
+        if constexpr (kEarlyResidual)
+            if (early_residual)
+                request_residual<R>(call.epi, group, threadIdx.x % 8, threadIdx.x / 8, staged_resid[threadIdx.x / 8][threadIdx.x % 8]);
+    };
+    if constexpr (kEarlyResidual)
+        if (early_residual && call.epi.norm_out)
+            request_norm_gains<R>(call.epi, group, threadIdx.x % 8, staged_resid[threadIdx.x / 8][threadIdx.x % 8]);
 
     // Activation rows this lane feeds into B fragments (column bn of each 8-column tile).
     const __half *xrow[NT];
@@ -232,6 +293,7 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(const GemvCall call) {
         // Activations come from the previous kernel.
         if (!waited) {
             pdl_wait();
+            request_residual_rows();
             waited = true;
         }
 #pragma unroll
@@ -273,7 +335,10 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(const GemvCall call) {
             }
         }
     }
-    if (!waited) pdl_wait();  // a warp without units still writes through the epilogue
+    if (!waited) {  // a warp without units still writes through the epilogue
+        pdl_wait();
+        request_residual_rows();
+    }
     if (call.epi.norm_partials) norm_scales(call.epi, 0, call.batch < NT * 8 ? call.batch : NT * 8, scale);
 #pragma unroll
     for (int c = 1; c < NACC; ++c)
@@ -303,6 +368,13 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(const GemvCall call) {
         for (int wi = 0; wi < kWarps; ++wi) s += red[wi][t][row][col];
         return s * sc;
     };
+    if constexpr (kEarlyResidual) {
+        if (early_residual) {
+            wait_async_copies();
+            epilogue_pair<R>(call.epi, group, i, col, value, &staged_resid[col][i]);
+            return;
+        }
+    }
     epilogue_pair<R>(call.epi, group, i, col, value);
 }
 
@@ -381,9 +453,15 @@ void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
 
 }  // namespace
 
+bool early_epilogue_reads_enabled() {
+    const char *v = std::getenv("PUMICE_CUDA_EARLY_READS");
+    return !(v && std::string(v) == "0");
+}
+
 void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (call.batch < 1 || call.batch > 16) throw Error(PUMICE_ERR_INTERNAL, "gemv batch out of range");
     GemvCall c = call;
+    c.early_reads = early_epilogue_reads_enabled();
     // Two tiles per block share the activation loads; worth it only when the grid stays full.
     // A norm producer writes one partial sum per tile.
     if (c.epi.mode != EPI_SWIGLU)

@@ -66,11 +66,15 @@ struct GemvCall {
     int64_t ldx = 0;
     int batch = 1;               // 1..16
     int tiles_per_block = 1;     // 1 or 2 (SWIGLU: 2)
+    bool early_reads = true;     // the epilogue's global reads overlap the first pass (launch_gemv)
     Epilogue epi;
 };
 
 // y = W x for up to 16 columns with dequantization on the fly (tensor cores, fp32 accumulate).
 void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream);
+// PUMICE_CUDA_EARLY_READS=0 leaves the epilogue's reads at its end (comparisons; a captured step
+// keys on it).
+bool early_epilogue_reads_enabled();
 
 // Prefill: the epilogue of GemvCall applied to a [n_cols][ld_in] f32 result of a GEMM over all
 // stored tiles (logical == stored order).
