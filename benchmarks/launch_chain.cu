@@ -9,7 +9,9 @@
 //   read MB  the same plus MB of weights streamed by every warp in 512-byte pieces, the first
 //            four pieces per warp requested before griddepcontrol.wait (as the GEMV does): a
 //            GEMV with free decoding. MB = 5.2 / 14.1 / 28.2 are Llama-2-7B's O, down and gate/up
-//            at 2.5 bits per weight.
+//            at 2.5 bits per weight;
+//   rounds   `act` as rounds of one persistent kernel separated by a grid-wide barrier (atomic
+//            arrivals, acquire loads): what a persistent step kernel pays per dependency.
 // Build and run on the GPU machine:
 //   nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/launch_chain.cu -o /tmp/chain && /tmp/chain
 #include <cuda_runtime.h>
@@ -65,6 +67,31 @@ __global__ void __launch_bounds__(kThreads) act_kernel(const float *in, float *o
     }
     if (acc == 0x12345678u) *sink = acc;
     if (threadIdx.x < 16) out[blockIdx.x * 16 + threadIdx.x] = x + static_cast<float>(threadIdx.x);
+}
+
+// The alternative: one persistent kernel whose rounds are separated by a grid-wide barrier
+// (every block co-resident: a cooperative launch). A round does what `act` does.
+__global__ void __launch_bounds__(kThreads) persistent_kernel(float *act0, float *act1, int rounds,
+                                                              unsigned *arrived) {
+    for (int r = 0; r < rounds; ++r) {
+        const float *in = r % 2 ? act1 : act0;
+        float *out = r % 2 ? act0 : act1;
+        float x = 0.f;
+        for (int k = threadIdx.x; k < kAct / 2; k += blockDim.x) x += in[k];
+        if (threadIdx.x < 16) out[blockIdx.x * 16 + threadIdx.x] = x + static_cast<float>(threadIdx.x);
+        // Grid barrier: arrivals counted in one monotonic counter, released at rounds * blocks.
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(arrived, 1u);
+            const unsigned target = (r + 1) * gridDim.x;
+            unsigned seen = 0;
+            do {
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(arrived) : "memory");
+            } while (seen < target);
+        }
+        __syncthreads();
+    }
 }
 
 template <class... Params, class... Args>
@@ -148,6 +175,24 @@ int main() {
             launch(pdl, act_kernel, grid, dim3(kThreads), s, (const float *)act[i % 2], act[(i + 1) % 2],
                    (const uint4 *)wbuf[i % 2], pieces, sink);
         });
+    }
+    // Rounds of a persistent kernel instead of launches.
+    unsigned *arrived;
+    CHECK(cudaMalloc(&arrived, 4));
+    int rounds = kChain * 20;
+    void *args[] = {&act[0], &act[1], &rounds, &arrived};
+    for (int rep = 0; rep < 2; ++rep) {  // the first run warms up
+        CHECK(cudaMemset(arrived, 0, 4));
+        cudaEvent_t a, b;
+        CHECK(cudaEventCreate(&a));
+        CHECK(cudaEventCreate(&b));
+        CHECK(cudaEventRecord(a, s));
+        CHECK(cudaLaunchCooperativeKernel((void *)persistent_kernel, grid, dim3(kThreads), args, 0, s));
+        CHECK(cudaEventRecord(b, s));
+        CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        CHECK(cudaEventElapsedTime(&ms, a, b));
+        if (rep == 1) std::printf("| act, rounds of one persistent kernel (grid barrier) | %.2f | | |\n", ms * 1e3f / rounds);
     }
     return 0;
 }
