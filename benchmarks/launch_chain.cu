@@ -20,6 +20,7 @@
 #include <cstdio>
 
 #include "../csrc/cuda/decode.cuh"
+#include "../csrc/cuda/launch_config.cuh"
 #include "cuda_bench_util.cuh"
 
 constexpr int kChain = 128;
@@ -96,16 +97,8 @@ __global__ void __launch_bounds__(kThreads) persistent_kernel(float *act0, float
 
 template <class... Params, class... Args>
 void launch(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t s, Args... args) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.stream = s;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+    const pumice::cuda::LaunchConfig config(grid, block, 0, s, pdl);
+    CHECK(cudaLaunchKernelEx(&config.cfg, kernel, args...));
 }
 
 // Microseconds per kernel of a captured chain of kChain launches, replayed.

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "errors.h"
+#include "launch_config.cuh"
 
 namespace pumice {
 namespace cuda {
@@ -109,17 +110,8 @@ private:
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args &&...args) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl_enabled() ? 1 : 0;
-    PUMICE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+    const LaunchConfig config(grid, block, smem, stream, pdl_enabled());
+    PUMICE_CUDA_CHECK(cudaLaunchKernelEx(&config.cfg, kernel, std::forward<Args>(args)...));
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
