@@ -5,7 +5,8 @@
 //   * INT8 mode (default): x is quantized once per call to int8 per block of 32 (absmax/127);
 //     for 2..4 bits a block is one maddubs + madd (u8 codes × i8 x), for 8 bits two madd on
 //     16-bit lanes (u8 × i8 would saturate). The per-block integer dot product is scaled by the
-//     block's x scale, the group's f16 scale multiplies the group total.
+//     block's x scale, the group's f16 scale multiplies the group total; a per-group correction
+//     makes the rounding meet the codes centred on their mid-range (centring_corrections).
 //   * F32 mode (exact): codes → floats, FMA with f32 x.
 // In both modes the mins are folded in through the group sums of x:
 //   sum_k (s_g c_k + m_g) x_k = sum_g s_g (sum_{k in g} c_k x_k) + sum_g m_g X_g,
@@ -155,6 +156,7 @@ struct PreparedX {
     std::vector<int16_t> xq16;  // [Kp] the same values as int16 (INT8 mode, 8-bit codes)
     std::vector<float> dx;      // [Kp/32] scale of each int8 block
     std::vector<float> xsum;    // [G] exact group sums of x
+    std::vector<float> xcentre; // [G] (INT8 mode) (L/2) * sum over the group's blocks of (X - d Q)
 };
 
 // x (natural order, K floats) → kernel order, zero padded to Kp.
@@ -181,6 +183,30 @@ void quantize_blocks_int8(const float *xf, int64_t Kp, int8_t *xq, float *dx) {
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
         for (int i = 0; i < kBlock; ++i)
             xq[b0 + i] = int8_t(std::lrintf(std::min(127.0f, std::max(-127.0f, xf[b0 + i] * inv))));
+    }
+}
+
+// The int8 rounding meets the codes centred on L/2 (L = 2^bits - 1) instead of the codes
+// themselves: sum_k c_k x_k ~= d sum_k c_k q_k + (L/2) (X - d Q) per block, with X = sum_k x_k
+// exact and Q = sum_k q_k, because the (L/2)·x part is carried by X. With uniform codes that is
+// about 0.6x (2 bits) to 0.5x (4 and 8 bits) the error of d sum_k c_k q_k alone. out[g] holds
+// the group's correction (before its scale).
+void centring_corrections(const float *xf, const int8_t *xq, const float *dx, int64_t n_blocks,
+                          int64_t blocks_per_group, int64_t G, int bits, float *out) {
+    const float half_range = 0.5f * float((1 << bits) - 1);
+    for (int64_t gi = 0; gi < G; ++gi) {
+        float c = 0.0f;
+        const int64_t end = std::min(n_blocks, (gi + 1) * blocks_per_group);
+        for (int64_t blk = gi * blocks_per_group; blk < end; ++blk) {
+            float x_sum = 0.0f;
+            int q_sum = 0;
+            for (int i = 0; i < kBlock; ++i) {
+                x_sum += xf[blk * kBlock + i];
+                q_sum += xq[blk * kBlock + i];
+            }
+            c += x_sum - dx[blk] * float(q_sum);
+        }
+        out[gi] = half_range * c;
     }
 }
 
@@ -236,9 +262,11 @@ void gemv_int8_block(const GemvArgs &a, int64_t n) {
                                      _mm256_set1_ps(_cvtsh_ss(a.scales[(n + r) * a.n_groups + gi])),
                                      acc[r]);
     }
+    // The mins meet the exact group sums; the scales meet the centring corrections.
     for (int r = 0; r < ROWS; ++r)
         a.y[n + r] = simd::hsum(acc[r]) +
-                     dot_f16_f32(a.mins + (n + r) * a.n_groups, px.xsum.data(), a.n_groups);
+                     dot_f16_f32(a.mins + (n + r) * a.n_groups, px.xsum.data(), a.n_groups) +
+                     dot_f16_f32(a.scales + (n + r) * a.n_groups, px.xcentre.data(), a.n_groups);
 }
 
 template <int B, int ROWS>
@@ -390,6 +418,9 @@ void RtnLinear::gemv(const float *x, float *y, ThreadPool &pool, RtnActivations 
         px.xq.resize(size_t(Kp));
         px.dx.resize(size_t(Kp / kBlock));
         quantize_blocks_int8(px.xf.data(), Kp, px.xq.data(), px.dx.data());
+        px.xcentre.resize(size_t(n_groups_));
+        centring_corrections(px.xf.data(), px.xq.data(), px.dx.data(), Kp / kBlock, group_size_ / kBlock, n_groups_,
+                             bits_, px.xcentre.data());
         if (bits_ == 8) px.xq16.assign(px.xq.begin(), px.xq.end());
     }
     const GemvArgs args{codes_, scales_, mins_, row_bytes_, n_groups_, Kp / kBlock,
