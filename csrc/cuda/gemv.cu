@@ -73,25 +73,15 @@ template <int R> struct ResidualReads {
     float gain[R][2];
 };
 
+// Rows i and i+8 of each of the block's tiles from src (indexed by logical row) into dst.
 template <int R>
-__device__ void request_norm_gains(const Epilogue &e, int64_t group, int i, ResidualReads<R> &r) {
+__device__ void request_rows(const float *src, int64_t n_rows, int64_t group, int i, float (&dst)[R][2]) {
 #pragma unroll
     for (int t = 0; t < R; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int64_t lrow = (group * R + t) * 16 + i + 8 * h;
-            if (lrow < e.n_rows) copy_async_4(&r.gain[t][h], e.norm_weight + lrow);
-        }
-}
-
-template <int R>
-__device__ void request_residual(const Epilogue &e, int64_t group, int i, int col, ResidualReads<R> &r) {
-#pragma unroll
-    for (int t = 0; t < R; ++t)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int64_t lrow = (group * R + t) * 16 + i + 8 * h;
-            if (lrow < e.n_rows) copy_async_4(&r.resid[t][h], e.out_f32 + col * e.ldo + lrow);
+            if (lrow < n_rows) copy_async_4(&dst[t][h], src + lrow);
         }
 }
 
@@ -230,11 +220,13 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     auto request_residual_rows = [&] {
         if constexpr (kEarlyResidual)
             if (early_residual)
-                request_residual<R>(call.epi, group, threadIdx.x % 8, threadIdx.x / 8, staged_resid[threadIdx.x / 8][threadIdx.x % 8]);
+                request_rows<R>(call.epi.out_f32 + (threadIdx.x / 8) * call.epi.ldo, call.epi.n_rows, group,
+                                threadIdx.x % 8, staged_resid[threadIdx.x / 8][threadIdx.x % 8].resid);
     };
     if constexpr (kEarlyResidual)
         if (early_residual && call.epi.norm_out)
-            request_norm_gains<R>(call.epi, group, threadIdx.x % 8, staged_resid[threadIdx.x / 8][threadIdx.x % 8]);
+            request_rows<R>(call.epi.norm_weight, call.epi.n_rows, group, threadIdx.x % 8,
+                            staged_resid[threadIdx.x / 8][threadIdx.x % 8].gain);
 
     // Activation rows this lane feeds into B fragments (column bn of each 8-column tile).
     const __half *xrow[NT];
