@@ -190,23 +190,19 @@ void quantize_blocks_int8(const float *xf, int64_t Kp, int8_t *xq, float *dx) {
 // themselves: sum_k c_k x_k ~= d sum_k c_k q_k + (L/2) (X - d Q) per block, with X = sum_k x_k
 // exact and Q = sum_k q_k, because the (L/2)·x part is carried by X. With uniform codes that is
 // about 0.6x (2 bits) to 0.5x (4 and 8 bits) the error of d sum_k c_k q_k alone. out[g] holds
-// the group's correction (before its scale).
-void centring_corrections(const float *xf, const int8_t *xq, const float *dx, int64_t n_blocks,
+// the group's correction (before its scale); its X is the group sum the mins use.
+void centring_corrections(const int8_t *xq, const float *dx, const float *xsum, int64_t n_blocks,
                           int64_t blocks_per_group, int64_t G, int bits, float *out) {
     const float half_range = 0.5f * float((1 << bits) - 1);
     for (int64_t gi = 0; gi < G; ++gi) {
-        float c = 0.0f;
+        float dq = 0.0f;
         const int64_t end = std::min(n_blocks, (gi + 1) * blocks_per_group);
         for (int64_t blk = gi * blocks_per_group; blk < end; ++blk) {
-            float x_sum = 0.0f;
             int q_sum = 0;
-            for (int i = 0; i < kBlock; ++i) {
-                x_sum += xf[blk * kBlock + i];
-                q_sum += xq[blk * kBlock + i];
-            }
-            c += x_sum - dx[blk] * float(q_sum);
+            for (int i = 0; i < kBlock; ++i) q_sum += xq[blk * kBlock + i];
+            dq += dx[blk] * float(q_sum);
         }
-        out[gi] = half_range * c;
+        out[gi] = half_range * (xsum[gi] - dq);
     }
 }
 
@@ -419,8 +415,8 @@ void RtnLinear::gemv(const float *x, float *y, ThreadPool &pool, RtnActivations 
         px.dx.resize(size_t(Kp / kBlock));
         quantize_blocks_int8(px.xf.data(), Kp, px.xq.data(), px.dx.data());
         px.xcentre.resize(size_t(n_groups_));
-        centring_corrections(px.xf.data(), px.xq.data(), px.dx.data(), Kp / kBlock, group_size_ / kBlock, n_groups_,
-                             bits_, px.xcentre.data());
+        centring_corrections(px.xq.data(), px.dx.data(), px.xsum.data(), Kp / kBlock, group_size_ / kBlock,
+                             n_groups_, bits_, px.xcentre.data());
         if (bits_ == 8) px.xq16.assign(px.xq.begin(), px.xq.end());
     }
     const GemvArgs args{codes_, scales_, mins_, row_bytes_, n_groups_, Kp / kBlock,
