@@ -1,0 +1,592 @@
+// persistent_gemv.cu — can one persistent kernel run a decode step's GEMVs near copy bandwidth?
+//
+// The runtime runs a batch-1 step as ~160 dependent launches; docs/CUDA.md ("Next") argues that
+// what bounds it is the chain, and that a persistent kernel whose weights keep streaming through
+// its dependency waits is the way past it. This measures that design on the GEMVs of a whole
+// Llama-2-7B-shaped step (32 x {QKV, O, gate/up, down} + head, 2-bit codes with g64 scales in the
+// runtime's tiled layout, csrc/cuda/tiled_weight.cuh; 2.1 GB, far more than L2), before anything
+// is built into the runtime:
+//
+//   one block per SM: a producer thread streams the SM's work items of every matrix, in order,
+//   into a ring of shared-memory stages with cp.async.bulk (codes, then scales), never waiting
+//   for anything but a free stage (weights are never written); C consumer warps decode and
+//   multiply. A work item is up to 32 units (16 rows x 128 inputs, 512 bytes each) of one row
+//   tile, one stage; items are taken statically (SM s: items s, s + G, ...) or from a counter
+//   per matrix. Rows of a tile split into several items are added atomically into a zeroed
+//   output (only down's, K = 11008: three addends, so their order can change the last bit).
+//   A first version gave every SM one contiguous range of units per matrix instead: slower
+//   (docs/CUDA.md has both).
+//
+// Consumers, per unit:
+//   f16   the runtime's decoder (decode.cuh: shift, LOP3, HSUB2, HFMA2 per two weights) and
+//         mma.m16n8k16 with the activation in column 0;
+//   cols  the column route (docs/CUDA.md): column 2q of the mma carries lane quad q's b0
+//         inputs and column 2q + 1 its b1 inputs, so every accumulator sums one quad's 32
+//         inputs, which lie in one quantization group; A takes the codes straight out of the
+//         mask as half(1024 + c) (shift + LOP3 per two weights) and the scale and min come
+//         after: s * sum((1024 + c) x) + (m - 1024 s) * X, with X = the quad's input sum,
+//         computed once per matrix when the activation is staged. Exact activations.
+//   none  consumers only hand stages back: the ring's own rate.
+//
+// Variants leave parts out to see what they cost (enum Skip, Decode: kMmaOnly, kDecodeOnly).
+// Modes:
+//   independent  no barrier: every matrix stages its input as below without waiting for it (the
+//                values are meaningless): the stream's and the consumers' own rate;
+//   chained      a grid barrier after every matrix, and its output (f32) becomes the next
+//                matrix's input (O reads QKV's first 4096 rows, down reads silu(gate) * up):
+//                the dependencies of a real step, without attention and norms.
+//
+// Results are checked against a plain reference GEMV (decode.cuh weight_at, f32 sums) on a
+// chain of one layer and the head. Build and run on the GPU machine:
+//   nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/persistent_gemv.cu -o /tmp/pg && /tmp/pg
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "../csrc/cuda/decode.cuh"
+#include "cuda_bench_util.cuh"
+
+using pumice::cuda::code_pair;
+using pumice::cuda::kHalf1024x2;
+using pumice::cuda::mma_16816;
+using pumice::cuda::u32_as_half2;
+
+constexpr int kChunkUnits = 32;                        // units per ring stage
+constexpr int kStageBytes = kChunkUnits * (512 + 128);  // codes, then scales
+constexpr int kMaxK = 11008;
+constexpr int kMaxItemsPerSm = 48;
+
+// kMmaOnly / kDecodeOnly split the cols consumer's cost (wrong results): the raw code words go
+// into the mmas undecoded, or the decoded words are folded with XOR and no mma runs.
+enum Decode { kNone = 0, kF16 = 1, kCols = 2, kMmaOnly = 3, kDecodeOnly = 4 };
+enum Input { kFixed = 0, kPrevious = 1, kSwiGlu = 2 };
+// Parts left out to see what they cost (the results are then wrong): the scales' copies, the
+// staging of the next activation.
+enum Skip { kSkipScales = 1, kSkipStaging = 2, kGlobalX = 4 };
+// kGlobalX: consumers read a fixed f16 activation and its run sums straight from global memory
+// (L1/L2) instead of staging them: what an epilogue writing f16 and run sums would allow.
+
+struct Matrix {
+    const uint4 *codes;   // [tile][unit][lane]
+    const uint2 *scales;  // [tile][group][row pair], two groups per unit
+    int tiles, units;
+    float *out;           // [tiles * 16]
+    const float *prev;    // the previous matrix's out (chained)
+    int input;            // Input
+};
+
+__device__ __forceinline__ void unit_range(const Matrix &m, int64_t &begin, int64_t &end) {
+    const int64_t n = static_cast<int64_t>(m.tiles) * m.units;
+    begin = n * blockIdx.x / gridDim.x;
+    end = n * (blockIdx.x + 1) / gridDim.x;
+}
+
+template <int C> __device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C * 32) : "memory");
+}
+
+// The activation of matrix m as f16 in shared memory, and (cols) each 32-input run's sum: every
+// consumer thread converts 8 inputs per pass, four neighbours make a run.
+template <int C>
+__device__ void stage_input(const Matrix &m, const __half *fixed, __half *x, float *xsum) {
+    const int k = m.units * 128, pieces = k / 8;
+    for (int p0 = 0; p0 < pieces; p0 += C * 32) {
+        const int p = p0 + static_cast<int>(threadIdx.x);
+        float s = 0.f;
+        if (p < pieces) {
+            float v[8];
+            if (m.input == kFixed) {
+                const uint4 h = reinterpret_cast<const uint4 *>(fixed)[p];
+                const __half2 *h2 = reinterpret_cast<const __half2 *>(&h);
+                for (int i = 0; i < 4; ++i) {
+                    v[2 * i] = __low2float(h2[i]);
+                    v[2 * i + 1] = __high2float(h2[i]);
+                }
+            } else {
+                const float4 a = __ldcg(reinterpret_cast<const float4 *>(m.prev) + 2 * p);
+                const float4 b = __ldcg(reinterpret_cast<const float4 *>(m.prev) + 2 * p + 1);
+                v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+                v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+                if (m.input == kSwiGlu) {
+                    const float4 c = __ldcg(reinterpret_cast<const float4 *>(m.prev + k) + 2 * p);
+                    const float4 d = __ldcg(reinterpret_cast<const float4 *>(m.prev + k) + 2 * p + 1);
+                    const float u[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+                    for (int i = 0; i < 8; ++i) v[i] = v[i] / (1.f + __expf(-v[i])) * u[i];
+                }
+            }
+            uint4 out;
+            __half2 *o2 = reinterpret_cast<__half2 *>(&out);
+            for (int i = 0; i < 4; ++i) {
+                o2[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+                s += __low2float(o2[i]) + __high2float(o2[i]);
+            }
+            reinterpret_cast<uint4 *>(x)[p] = out;
+        }
+        s += __shfl_xor_sync(~0u, s, 1);
+        s += __shfl_xor_sync(~0u, s, 2);
+        if (p < pieces && p % 4 == 0) xsum[p / 4] = s;
+    }
+}
+
+// A work item is up to kChunkUnits units of one row tile (a whole tile when K = 4096), and one
+// ring stage. The producer takes items statically (item blockIdx.x + j * gridDim.x) or from the
+// matrix's counter (atomicAdd: SMs whose stream runs faster take more), and tells the consumers
+// which through the stage's header; -1 ends this SM's share of the matrix.
+__device__ __forceinline__ int items_per_tile(const Matrix &m) { return (m.units + kChunkUnits - 1) / kChunkUnits; }
+
+template <int C, int S, int D>
+__global__ void __launch_bounds__((C + 1) * 32, 1)
+    persistent_gemv(const Matrix *mats, int n_mats, const __half *fixed, bool chained, bool dynamic,
+                    unsigned *arrived, unsigned *work, int skip, const float *fixed_sum) {
+    constexpr int UPW = (kChunkUnits + C - 1) / C;  // units per consumer warp per stage
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char *ring = smem;
+    __half *x = reinterpret_cast<__half *>(smem + S * kStageBytes);
+    float *xsum = reinterpret_cast<float *>(x + kMaxK);
+    float *red = xsum + kMaxK / 32;  // [kMaxItemsPerSm][16]
+    __shared__ __align__(8) uint64_t full[S], empty[S];
+    __shared__ int header[S], taken[kMaxItemsPerSm];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < S; ++i) {
+            asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
+            asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[i])), "r"(C));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n");
+    }
+    for (int i = threadIdx.x; i < kMaxItemsPerSm * 16; i += blockDim.x) red[i] = 0.f;
+    __syncthreads();
+
+    if (warp == C) {  // producer: every matrix's items, in order, as fast as stages free up
+        if (lane == 0) {
+            int it = 0;
+            for (int mi = 0; mi < n_mats; ++mi) {
+                const Matrix &m = mats[mi];
+                const int per_tile = items_per_tile(m), n_items = m.tiles * per_tile;
+                for (int j = 0;; ++j, ++it) {
+                    int item = -1;
+                    if (j < kMaxItemsPerSm) {
+                        item = dynamic ? static_cast<int>(atomicAdd(work + mi, 1u)) : static_cast<int>(blockIdx.x) + j * gridDim.x;
+                        if (item >= n_items) item = -1;
+                    }
+                    const int st = it % S;
+                    if (it >= S) mbar_wait(&empty[st], ((it / S) & 1) ^ 1);
+                    header[st] = item;
+                    if (item < 0) {  // the end marker: no bytes, a plain arrival
+                        asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&full[st])) : "memory");
+                        ++it;
+                        break;
+                    }
+                    const int tile = item / per_tile, c = item % per_tile;
+                    const int n = m.units - c * kChunkUnits < kChunkUnits ? m.units - c * kChunkUnits : kChunkUnits;
+                    const int64_t u0 = static_cast<int64_t>(tile) * m.units + c * kChunkUnits;
+                    unsigned char *dst = ring + st * kStageBytes;
+                    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[st])),
+                                 "r"(skip & kSkipScales ? n * 512 : n * 640) : "memory");
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                            smem_addr(dst)),
+                        "l"(m.codes + u0 * 32), "r"(n * 512), "r"(smem_addr(&full[st]))
+                        : "memory");
+                    if (!(skip & kSkipScales))
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                            smem_addr(dst + kChunkUnits * 512)),
+                        "l"(m.scales + u0 * 16), "r"(n * 128), "r"(smem_addr(&full[st]))
+                        : "memory");
+                }
+            }
+        }
+        return;
+    }
+
+    // Consumers. cols: lane 4n + q feeds column n; it holds quad q's b0 inputs when n = 2q, its
+    // b1 inputs when n = 2q + 1, and nothing otherwise.
+    const int quad = lane % 4, col = lane / 4;
+    const uint32_t keep_b0 = col == 2 * quad ? ~0u : 0u, keep_b1 = col == 2 * quad + 1 ? ~0u : 0u;
+    const bool loads_x = D >= kCols ? (keep_b0 | keep_b1) != 0u : lane < 4;
+    int it = 0;
+    stage_input<C>(mats[0], fixed, x, xsum);
+    consumers_sync<C>();
+    for (int mi = 0; mi < n_mats; ++mi) {
+        const Matrix &m = mats[mi];
+        const int per_tile = items_per_tile(m);
+        int j = 0;
+        for (;; ++j, ++it) {
+            const int st = it % S;
+            mbar_wait(&full[st], (it / S) & 1);
+            const int item = header[st];
+            const unsigned char *base = ring + st * kStageBytes;
+            uint4 q[UPW];
+            uint2 sm[UPW];
+#pragma unroll
+            for (int w = 0; w < UPW; ++w) {
+                const int idx = (warp + w * C) % kChunkUnits;
+                q[w] = reinterpret_cast<const uint4 *>(base)[idx * 32 + lane];
+                // The lane's 32 inputs lie in one group of 64: quads 0-1 the first, 2-3 the second.
+                sm[w] = reinterpret_cast<const uint2 *>(base + kChunkUnits * 512)[idx * 16 + quad / 2 * 8 + col];
+            }
+            __syncwarp();
+            if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
+            if (item < 0) {
+                ++it;
+                break;
+            }
+            if (warp == 0 && lane == 0) taken[j] = item;
+            if constexpr (D != kNone) {
+                const int c = item % per_tile;
+                const int n = m.units - c * kChunkUnits < kChunkUnits ? m.units - c * kChunkUnits : kChunkUnits;
+                float acc[2][4] = {};  // f16: two alternating accumulators; cols: acc[0][0..1] rows g, g + 8
+#pragma unroll
+                for (int w = 0; w < UPW; ++w) {
+                    const int idx = warp + w * C;
+                    if (idx >= n) break;
+                    const int u = c * kChunkUnits + idx;
+                    uint2 xs[8];
+                    const __half *xr = (skip & kGlobalX ? fixed : x) + u * 128 + quad * 32;
+#pragma unroll
+                    for (int i2 = 0; i2 < 4; ++i2) {
+                        const uint4 v = loads_x ? reinterpret_cast<const uint4 *>(xr)[i2] : make_uint4(0, 0, 0, 0);
+                        xs[2 * i2] = make_uint2(v.x, v.y);
+                        xs[2 * i2 + 1] = make_uint2(v.z, v.w);
+                    }
+                    if constexpr (D == kF16) {
+                        const pumice::cuda::UnitDecoder<2> dec(q[w], make_uint2(0, 0), sm[w]);
+#pragma unroll
+                        for (int t = 0; t < 8; ++t) {
+                            uint32_t a[4];
+                            dec.ktile(t, a);
+                            const uint32_t b[2] = {xs[t].x, xs[t].y};
+                            mma_16816(acc[t % 2], a, b);
+                        }
+                    } else {
+                        float part[2][4] = {};
+                        uint32_t folded = 0;
+#pragma unroll
+                        for (int t = 0; t < 8; ++t) {
+                            uint32_t a[4];
+#pragma unroll
+                            for (int r = 0; r < 4; ++r)
+                                a[r] = D == kMmaOnly ? pumice::cuda::word_of(q[w], (t + r) % 4)
+                                                     : code_pair<2>(q[w], make_uint2(0, 0), t, r, kHalf1024x2);
+                            const uint32_t b[2] = {xs[t].x & keep_b0, xs[t].y & keep_b1};
+                            if constexpr (D == kDecodeOnly) folded ^= a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1];
+                            else mma_16816(part[t % 2], a, b);
+                        }
+                        if constexpr (D == kDecodeOnly) part[0][0] = __uint_as_float(folded & 0x3FFFFFFFu);
+                        const float xq = (skip & kGlobalX ? fixed_sum : xsum)[u * 4 + quad];
+                        const float2 lo = __half22float2(u32_as_half2(sm[w].x));  // {s, m} of row g
+                        const float2 hi = __half22float2(u32_as_half2(sm[w].y));  // row g + 8
+                        acc[0][0] += lo.x * (part[0][0] + part[0][1] + part[1][0] + part[1][1]) +
+                                     fmaf(-1024.f, lo.x, lo.y) * xq;
+                        acc[0][1] += hi.x * (part[0][2] + part[0][3] + part[1][2] + part[1][3]) +
+                                     fmaf(-1024.f, hi.x, hi.y) * xq;
+                    }
+                }
+                float lo, hi;
+                if constexpr (D >= kCols) {  // the quad's lanes hold the same rows over different inputs
+                    lo = acc[0][0];
+                    hi = acc[0][1];
+                    lo += __shfl_xor_sync(~0u, lo, 1);
+                    lo += __shfl_xor_sync(~0u, lo, 2);
+                    hi += __shfl_xor_sync(~0u, hi, 1);
+                    hi += __shfl_xor_sync(~0u, hi, 2);
+                } else {  // column 0: lanes 4g
+                    lo = acc[0][0] + acc[1][0];
+                    hi = acc[0][2] + acc[1][2];
+                }
+                if (quad == 0) {
+                    atomicAdd(red + j * 16 + col, lo);
+                    atomicAdd(red + j * 16 + col + 8, hi);
+                }
+            }
+        }
+        consumers_sync<C>();
+        // This SM's rows: whole tiles stored, parts of tiles added into the zeroed output.
+        for (int i = threadIdx.x; i < j * 16; i += C * 32) {
+            const int item = taken[i / 16];
+            float *o = m.out + static_cast<int64_t>(item / per_tile) * 16 + i % 16;
+            if (per_tile == 1) *o = red[i];
+            else atomicAdd(o, red[i]);
+            red[i] = 0.f;
+        }
+        if (mi + 1 == n_mats) break;
+        if (chained) {  // grid barrier: arrivals on one monotonic counter, released at (mi + 1) blocks
+            consumers_sync<C>();
+            if (threadIdx.x == 0) {
+                __threadfence();
+                atomicAdd(arrived, 1u);
+                const unsigned target = (mi + 1) * gridDim.x;
+                unsigned seen = 0;
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(arrived) : "memory");
+                } while (seen < target);
+                __threadfence();
+            }
+        }
+        consumers_sync<C>();
+        if (!(skip & kSkipStaging)) stage_input<C>(mats[mi + 1], fixed, x, xsum);
+        consumers_sync<C>();
+    }
+}
+
+// Reference: one thread per row, f32 sums of the runtime's per-weight dequantization.
+__global__ void reference_gemv(Matrix m, const __half *xin) {
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (row >= static_cast<int64_t>(m.tiles) * 16) return;
+    pumice::cuda::WeightView w;
+    w.codes = m.codes;
+    w.scale_min = m.scales;
+    w.bits = 2;
+    w.group_size = 64;
+    w.units = m.units;
+    w.groups = 2 * m.units;
+    w.kp = m.units * 128;
+    float s = 0.f;
+    for (int64_t k = 0; k < w.kp; ++k) s += pumice::cuda::weight_at(w, row, k) * __half2float(xin[k]);
+    m.out[row] = s;
+}
+
+// The reference's staging: the same f16 input stage_input builds.
+__global__ void reference_input(Matrix m, const __half *fixed, __half *x) {
+    const int k = m.units * 128;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < k; e += gridDim.x * blockDim.x) {
+        if (m.input == kFixed) x[e] = fixed[e];
+        else if (m.input == kPrevious) x[e] = __float2half(m.prev[e]);
+        else {
+            const float g = m.prev[e], u = m.prev[e + k];
+            x[e] = __float2half(g / (1.f + __expf(-g)) * u);
+        }
+    }
+}
+
+__global__ void fill_random(uint32_t *p, int64_t n, uint32_t seed) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        h *= 3266489917u;
+        p[i] = h ^ (h >> 16);
+    }
+}
+
+// half2(s, m) with s = 0.9 / sqrt(K) times 0.75..1.25 and m = -1.5 s: centred codes keep the
+// chained activations at a steady size.
+__global__ void fill_scales(uint2 *p, int64_t n, int k) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const float base = 0.9f / sqrtf(static_cast<float>(k));
+        const float s0 = base * (0.75f + 0.5f * ((i * 37 % 101) / 100.f));
+        const float s1 = base * (0.75f + 0.5f * ((i * 53 % 97) / 96.f));
+        const __half2 a = __floats2half2_rn(s0, -1.5f * s0), b = __floats2half2_rn(s1, -1.5f * s1);
+        p[i] = make_uint2(*reinterpret_cast<const uint32_t *>(&a), *reinterpret_cast<const uint32_t *>(&b));
+    }
+}
+
+struct Variant {
+    const char *name;
+    int consumers, decode, stages, skip;
+    void (*kernel)(const Matrix *, int, const __half *, bool, bool, unsigned *, unsigned *, int, const float *);
+    size_t smem() const { return stages * kStageBytes + kMaxK * 2 + kMaxK / 32 * 4 + kMaxItemsPerSm * 16 * 4; }
+};
+
+int main() {
+    int sms = 0;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // The step's matrices: 32 layers of QKV, O, gate/up, down, then the head.
+    struct Shape { int rows, k, input; };
+    const Shape layer[4] = {{12288, 4096, kPrevious}, {4096, 4096, kPrevious}, {22016, 4096, kPrevious},
+                            {4096, 11008, kSwiGlu}};
+    std::vector<Shape> shapes;
+    for (int l = 0; l < 32; ++l) shapes.insert(shapes.end(), layer, layer + 4);
+    shapes.push_back({32000, 4096, kPrevious});
+    shapes[0].input = kFixed;
+    std::vector<Matrix> mats(shapes.size());
+    size_t weight_bytes = 0;
+    float *outs;
+    size_t out_floats = 0;
+    for (const Shape &s : shapes) out_floats += s.rows;
+    CHECK(cudaMalloc(&outs, out_floats * 4));
+    size_t out_off = 0;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+        Matrix &m = mats[i];
+        m.tiles = shapes[i].rows / 16;
+        m.units = shapes[i].k / 128;
+        const size_t units = static_cast<size_t>(m.tiles) * m.units;
+        uint4 *codes;
+        uint2 *scales;
+        CHECK(cudaMalloc(&codes, units * 512));
+        CHECK(cudaMalloc(&scales, units * 128));
+        fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t *>(codes), units * 128, 7919u * (i + 1));
+        fill_scales<<<1024, 256>>>(scales, units * 16, shapes[i].k);
+        CHECK(cudaGetLastError());
+        m.codes = codes;
+        m.scales = scales;
+        m.out = outs + out_off;
+        m.prev = i > 0 ? mats[i - 1].out : nullptr;
+        m.input = shapes[i].input;
+        out_off += shapes[i].rows;
+        weight_bytes += units * 640;
+        if ((m.tiles * ((m.units + kChunkUnits - 1) / kChunkUnits) + sms - 1) / sms + 1 > kMaxItemsPerSm) {
+            std::printf("too many work items per SM\n");
+            return 1;
+        }
+    }
+    Matrix *d_mats;
+    CHECK(cudaMalloc(&d_mats, mats.size() * sizeof(Matrix)));
+    CHECK(cudaMemcpy(d_mats, mats.data(), mats.size() * sizeof(Matrix), cudaMemcpyHostToDevice));
+    __half *fixed, *ref_x;
+    unsigned *arrived, *work;
+    float *fixed_sum;
+    CHECK(cudaMalloc(&fixed_sum, kMaxK / 32 * 4));
+    CHECK(cudaMemset(fixed_sum, 0, kMaxK / 32 * 4));
+    CHECK(cudaMalloc(&work, shapes.size() * 4));
+    CHECK(cudaMalloc(&fixed, kMaxK * 2));
+    CHECK(cudaMalloc(&ref_x, kMaxK * 2));
+    CHECK(cudaMalloc(&arrived, 4));
+    {
+        std::vector<__half> h(kMaxK);
+        for (int i = 0; i < kMaxK; ++i) h[i] = __float2half(std::sin(0.37 * i) + 0.25 * std::cos(1.3 * i));
+        CHECK(cudaMemcpy(fixed, h.data(), kMaxK * 2, cudaMemcpyHostToDevice));
+    }
+
+    const Variant variants[] = {
+        {"ring only, 8 stages", 8, kNone, 8, 0, persistent_gemv<8, 8, kNone>},
+        {"ring only, 10 stages", 8, kNone, 10, 0, persistent_gemv<8, 10, kNone>},
+        {"ring only, 8 stages, no scales", 8, kNone, 8, kSkipScales, persistent_gemv<8, 8, kNone>},
+        {"ring only, 8 stages, no staging", 8, kNone, 8, kSkipStaging, persistent_gemv<8, 8, kNone>},
+        {"f16 decode, 16 warps, 8 stages", 16, kF16, 8, 0, persistent_gemv<16, 8, kF16>},
+        {"cols decode, 16 warps, 8 stages", 16, kCols, 8, 0, persistent_gemv<16, 8, kCols>},
+        {"f16, 16 warps, x from global", 16, kF16, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kF16>},
+        {"cols, 16 warps, x from global", 16, kCols, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kCols>},
+        {"cols, 24 warps, x from global", 24, kCols, 8, kSkipStaging | kGlobalX, persistent_gemv<24, 8, kCols>},
+        {"cols, 31 warps, x from global", 31, kCols, 8, kSkipStaging | kGlobalX, persistent_gemv<31, 8, kCols>},
+        {"cols, 16 warps, x global, no scales", 16, kCols, 8, kSkipStaging | kGlobalX | kSkipScales,
+         persistent_gemv<16, 8, kCols>},
+        {"cols mma only, 16 warps, x global", 16, kMmaOnly, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kMmaOnly>},
+        {"cols decode only, 16 warps, x global", 16, kDecodeOnly, 8, kSkipStaging | kGlobalX,
+         persistent_gemv<16, 8, kDecodeOnly>},
+    };
+    for (const Variant &v : variants)
+        CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(v.smem())));
+    auto run = [&](const Variant &v, const Matrix *ms, int n_mats, bool chained, bool dynamic) {
+        CHECK(cudaMemsetAsync(outs, 0, out_floats * 4));
+        CHECK(cudaMemsetAsync(arrived, 0, 4));
+        CHECK(cudaMemsetAsync(work, 0, shapes.size() * 4));
+        v.kernel<<<sms, (v.consumers + 1) * 32, v.smem()>>>(ms, n_mats, fixed, chained, dynamic, arrived, work, v.skip,
+                                                            fixed_sum);
+        CHECK(cudaGetLastError());
+    };
+
+    // Correctness: a chain of one layer and the head (chained), against the reference.
+    std::vector<int> check = {0, 1, 2, 3, static_cast<int>(shapes.size()) - 1};
+    std::vector<Matrix> chain_mats;
+    for (int i : check) chain_mats.push_back(mats[i]);
+    chain_mats[4].prev = chain_mats[3].out;  // the head follows this layer's down
+    Matrix *d_chain;
+    CHECK(cudaMalloc(&d_chain, chain_mats.size() * sizeof(Matrix)));
+    CHECK(cudaMemcpy(d_chain, chain_mats.data(), chain_mats.size() * sizeof(Matrix), cudaMemcpyHostToDevice));
+    std::vector<std::vector<float>> refs;
+    {
+        float *ref_out;
+        CHECK(cudaMalloc(&ref_out, out_floats * 4));
+        std::vector<Matrix> rm = chain_mats;
+        size_t off = 0;
+        for (size_t i = 0; i < rm.size(); ++i) {
+            rm[i].out = ref_out + off;
+            if (i > 0) rm[i].prev = rm[i - 1].out;
+            off += rm[i].tiles * 16;
+        }
+        for (const Matrix &m : rm) {
+            reference_input<<<64, 256>>>(m, fixed, ref_x);
+            reference_gemv<<<(m.tiles * 16 + 127) / 128, 128>>>(m, ref_x);
+            CHECK(cudaGetLastError());
+            std::vector<float> h(m.tiles * 16);
+            CHECK(cudaMemcpy(h.data(), m.out, h.size() * 4, cudaMemcpyDeviceToHost));
+            refs.push_back(h);
+        }
+        CHECK(cudaFree(ref_out));
+    }
+    std::printf("relative error against the reference (chain QKV, O, gate/up, down, head):\n");
+    for (const Variant &v : variants)
+        for (bool dynamic : {false, true}) {
+        if (v.decode == kNone || v.decode > kCols || v.skip) continue;
+        run(v, d_chain, 5, true, dynamic);
+        CHECK(cudaDeviceSynchronize());
+        std::printf("  %-24s %-8s", v.name, dynamic ? "dynamic" : "static");
+        for (size_t i = 0; i < chain_mats.size(); ++i) {
+            std::vector<float> h(chain_mats[i].tiles * 16);
+            CHECK(cudaMemcpy(h.data(), chain_mats[i].out, h.size() * 4, cudaMemcpyDeviceToHost));
+            double num = 0, den = 0;
+            for (size_t r = 0; r < h.size(); ++r) {
+                num += (h[r] - refs[i][r]) * static_cast<double>(h[r] - refs[i][r]);
+                den += refs[i][r] * static_cast<double>(refs[i][r]);
+            }
+            std::printf(" %.2e", std::sqrt(num / std::max(den, 1e-30)));
+        }
+        std::printf("\n");
+    }
+
+    // Copy bandwidth (bytes read + written), as bench_cuda.py measures it.
+    double copy_bps = 0;
+    {
+        const size_t n = size_t(1) << 30;
+        void *a, *b;
+        CHECK(cudaMalloc(&a, n));
+        CHECK(cudaMalloc(&b, n));
+        CHECK(cudaMemset(a, 1, n));
+        cudaEvent_t e0, e1;
+        CHECK(cudaEventCreate(&e0));
+        CHECK(cudaEventCreate(&e1));
+        std::vector<float> ts;
+        for (int r = 0; r < 13; ++r) {
+            CHECK(cudaEventRecord(e0));
+            CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice));
+            CHECK(cudaEventRecord(e1));
+            CHECK(cudaEventSynchronize(e1));
+            float ms;
+            CHECK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r >= 3) ts.push_back(ms);
+        }
+        std::sort(ts.begin(), ts.end());
+        copy_bps = 2.0 * n / (ts[ts.size() / 2] * 1e-3);
+        CHECK(cudaFree(a));
+        CHECK(cudaFree(b));
+    }
+    std::printf("\n%d SMs, %zu matrices, %.2f GB of weights (codes + scales), copy bandwidth %.0f GB/s\n\n", sms,
+                shapes.size(), weight_bytes / 1e9, copy_bps / 1e9);
+    std::printf("| consumers | work | independent ms | GB/s | %% of copy | chained ms | GB/s | %% of copy |\n"
+                "|---|---|---|---|---|---|---|---|\n");
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    for (const Variant &v : variants)
+        for (bool dynamic : {false, true}) {
+        std::printf("| %s | %s |", v.name, dynamic ? "dynamic" : "static");
+        for (bool chained : {false, true}) {
+            std::vector<float> ts;
+            for (int r = 0; r < 12; ++r) {
+                CHECK(cudaEventRecord(e0));
+                run(v, d_mats, static_cast<int>(shapes.size()), chained, dynamic);
+                CHECK(cudaEventRecord(e1));
+                CHECK(cudaEventSynchronize(e1));
+                float ms;
+                CHECK(cudaEventElapsedTime(&ms, e0, e1));
+                if (r >= 2) ts.push_back(ms);
+            }
+            std::sort(ts.begin(), ts.end());
+            const double ms = ts[ts.size() / 2];
+            const double bps = weight_bytes / (ms * 1e-3);
+            std::printf(" %.3f | %.0f | %.0f%% |", ms, bps / 1e9, 100 * bps / copy_bps);
+        }
+        std::printf("\n");
+    }
+    return 0;
+}
