@@ -279,9 +279,10 @@ def _likely_pool(weights: np.ndarray, top_k: int, top_p: float, min_p: float) ->
 def samples_natively_on(device: str) -> bool:
     """Whether the Generator and the server let the runtime sample on this device by default.
 
-    On CUDA it saves the logits copy and the numpy pass. On the CPU the C++ sampler is correct
-    but slower than the numpy Sampler (docs/RUNTIME.md), so it is used there only with
-    PUMICE_NATIVE_SAMPLING=1 (which makes a seed give the same tokens on CPU and GPU).
+    On CUDA it saves the logits copy and the numpy pass. On the CPU the C++ sampler is about as
+    fast as the numpy Sampler (docs/RUNTIME.md) but draws other tokens for the same seed, so it
+    is used there only with PUMICE_NATIVE_SAMPLING=1 (which makes a seed give the same tokens
+    on CPU and GPU).
     """
     if not device.startswith("cpu"):
         return True

@@ -4,8 +4,10 @@
 // the device sampler agree bit for bit on the same logits: the order of tokens, the weight of a
 // token, its integer mass, the random number of a step. Only IEEE-exact operations appear
 // (compare, subtract, multiply, conversions, a correctly rounded reciprocal); exp is taken in
-// double and rounded to float, which agrees on both sides except in vanishingly rare cases
-// (and the CUDA build's --use_fast_math touches single precision only).
+// double and rounded to float — on the device by CUDA's exp (weight_of), on the host by a
+// vectorised series of the same accuracy (sampling.cpp, weights_of) — which agrees on both
+// sides except in vanishingly rare cases (and the CUDA build's --use_fast_math touches single
+// precision only).
 //
 // Definitions (docs/RUNTIME.md, "Native sampling"):
 //  - logits are sanitised: NaN counts as -inf, -0 as +0;
@@ -49,9 +51,12 @@ PUMICE_HD float sanitize(float x) {
 }
 
 // Monotone map of a (sanitised) float to uint32: a < b  <=>  ordered(a) < ordered(b).
+// Branch-free (the sign of a logit is a coin toss on flat rows): negative floats have every bit
+// flipped, others only the sign bit.
 PUMICE_HD uint32_t ordered_bits(float x) {
     const uint32_t u = float_bits(x);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(u) >> 31);
+    return u ^ (negative | 0x80000000u);
 }
 
 PUMICE_HD float from_ordered_bits(uint32_t k) {
@@ -78,7 +83,8 @@ PUMICE_HD float weight_of(float log_w) {
 #endif
 }
 
-PUMICE_HD uint64_t mass_of_weight(float w) { return static_cast<uint64_t>(w * kMassScale); }
+// w * 2^40 <= 2^40 fits int64, whose conversion is one instruction (to uint64 x86 needs a branch).
+PUMICE_HD uint64_t mass_of_weight(float w) { return static_cast<uint64_t>(static_cast<int64_t>(w * kMassScale)); }
 
 // Mass of a token, and its weight (0 below the cut).
 PUMICE_HD uint64_t token_mass(float log_w, float *w_out) {
