@@ -34,7 +34,11 @@
 //                values are meaningless): the stream's and the consumers' own rate;
 //   chained      a grid barrier after every matrix, and its output (f32) becomes the next
 //                matrix's input (O reads QKV's first 4096 rows, down reads silu(gate) * up):
-//                the dependencies of a real step, without attention and norms.
+//                the dependencies of a real step, without attention and norms;
+//   dataflow     (dataflow_gemv) no barrier: a counter of finished tiles per 128 outputs, and
+//                a consumer warp waits only for the inputs of its own units; every matrix
+//                writes its output as f16 with 16-row sums (down reads the first 11008 rows of
+//                gate/up's output, not silu(gate) * up).
 //
 // Results are checked against a plain reference GEMV (decode.cuh weight_at, f32 sums) on a
 // chain of one layer and the head. Build and run on the GPU machine:
@@ -67,7 +71,9 @@ enum Decode { kNone = 0, kF16 = 1, kCols = 2, kMmaOnly = 3, kDecodeOnly = 4 };
 enum Input { kFixed = 0, kPrevious = 1, kSwiGlu = 2 };
 // Parts left out to see what they cost (the results are then wrong): the scales' copies, the
 // staging of the next activation.
-enum Skip { kSkipScales = 1, kSkipStaging = 2, kGlobalX = 4 };
+enum Skip { kSkipScales = 1, kSkipStaging = 2, kGlobalX = 4, kNoFence = 8, kNoWait = 16 };
+// kNoFence: the dataflow kernel publishes without fences (wrong ordering: timing only);
+// kNoWait: its consumers do not wait for their inputs.
 // kGlobalX: consumers read a fixed f16 activation and its run sums straight from global memory
 // (L1/L2) instead of staging them: what an epilogue writing f16 and run sums would allow.
 
@@ -78,6 +84,15 @@ struct Matrix {
     float *out;           // [tiles * 16]
     const float *prev;    // the previous matrix's out (chained)
     int input;            // Input
+    // dataflow_gemv: the input as f16 with its 16-row sums, written by the previous matrix, and
+    // that matrix's counters of finished tiles per 128 rows (null: nothing to wait for) ...
+    const __half *xin;
+    const float *xin_sum;
+    const unsigned *in_ready;
+    // ... and the same of this matrix's output, with a counter of finished items per tile.
+    __half *xout;
+    float *tsum;
+    unsigned *ready, *tile_done;
 };
 
 __device__ __forceinline__ void unit_range(const Matrix &m, int64_t &begin, int64_t &end) {
@@ -138,7 +153,156 @@ __device__ void stage_input(const Matrix &m, const __half *fixed, __half *x, flo
 // matrix's counter (atomicAdd: SMs whose stream runs faster take more), and tells the consumers
 // which through the stage's header; -1 ends this SM's share of the matrix.
 __device__ __forceinline__ int items_per_tile(const Matrix &m) { return (m.units + kChunkUnits - 1) / kChunkUnits; }
+__device__ __forceinline__ int item_units(const Matrix &m, int c) {
+    return m.units - c * kChunkUnits < kChunkUnits ? m.units - c * kChunkUnits : kChunkUnits;
+}
 
+// The ring's two sides. Producer: one thread, every matrix's items in order.
+template <int S>
+__device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsigned *work, int skip,
+                              unsigned char *ring, uint64_t *full, uint64_t *empty, int *header) {
+    int it = 0;
+    for (int mi = 0; mi < n_mats; ++mi) {
+        const Matrix &m = mats[mi];
+        const int per_tile = items_per_tile(m), n_items = m.tiles * per_tile;
+        for (int j = 0;; ++j, ++it) {
+            int item = -1;
+            if (j < kMaxItemsPerSm) {
+                item = dynamic ? static_cast<int>(atomicAdd(work + mi, 1u)) : static_cast<int>(blockIdx.x) + j * gridDim.x;
+                if (item >= n_items) item = -1;
+            }
+            const int st = it % S;
+            if (it >= S) mbar_wait(&empty[st], ((it / S) & 1) ^ 1);
+            header[st] = item;
+            if (item < 0) {  // the end marker: no bytes, a plain arrival
+                asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&full[st])) : "memory");
+                ++it;
+                break;
+            }
+            const int tile = item / per_tile, c = item % per_tile, n = item_units(m, c);
+            const int64_t u0 = static_cast<int64_t>(tile) * m.units + c * kChunkUnits;
+            unsigned char *dst = ring + st * kStageBytes;
+            asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[st])),
+                         "r"(skip & kSkipScales ? n * 512 : n * 640) : "memory");
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                    smem_addr(dst)),
+                "l"(m.codes + u0 * 32), "r"(n * 512), "r"(smem_addr(&full[st]))
+                : "memory");
+            if (!(skip & kSkipScales))
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                        smem_addr(dst + kChunkUnits * 512)),
+                    "l"(m.scales + u0 * 16), "r"(n * 128), "r"(smem_addr(&full[st]))
+                    : "memory");
+        }
+    }
+}
+
+// Consumer warp: waits for stage `it`, takes its units (warp, warp + C, ...) into registers and
+// hands the stage back. Returns the stage's item (-1: the end of this SM's share of a matrix).
+template <int C, int S, int UPW>
+__device__ __forceinline__ int take_stage(int it, const unsigned char *ring, uint64_t *full, uint64_t *empty,
+                                          const int *header, uint4 (&q)[UPW], uint2 (&sm)[UPW]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int st = it % S;
+    mbar_wait(&full[st], (it / S) & 1);
+    const int item = header[st];
+    const unsigned char *base = ring + st * kStageBytes;
+#pragma unroll
+    for (int w = 0; w < UPW; ++w) {
+        const int idx = (warp + w * C) % kChunkUnits;
+        q[w] = reinterpret_cast<const uint4 *>(base)[idx * 32 + lane];
+        // The lane's 32 inputs lie in one group of 64: quads 0-1 the first, 2-3 the second.
+        sm[w] = reinterpret_cast<const uint2 *>(base + kChunkUnits * 512)[idx * 16 + (lane % 4) / 2 * 8 + lane / 4];
+    }
+    __syncwarp();
+    if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
+    return item;
+}
+
+// What a consumer lane feeds the mma. cols: lane 4n + q feeds column n; it holds quad q's b0
+// inputs when n = 2q, its b1 inputs when n = 2q + 1, and nothing otherwise.
+template <int D> struct LaneRole {
+    uint32_t keep_b0, keep_b1;
+    bool loads_x;
+    __device__ LaneRole() {
+        const int lane = threadIdx.x % 32, quad = lane % 4, col = lane / 4;
+        keep_b0 = col == 2 * quad ? ~0u : 0u;
+        keep_b1 = col == 2 * quad + 1 ? ~0u : 0u;
+        loads_x = D >= kCols ? (keep_b0 | keep_b1) != 0u : lane < 4;
+    }
+};
+
+// One unit: codes q, scale pairs sm, the lane's 32 activations at xr (f16), xq = their sum
+// (cols). f16: acc[2][4] are two alternating mma accumulators; cols: acc[0][0..1] rows g, g + 8.
+template <int D>
+__device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const __half *xr, float xq,
+                                         const LaneRole<D> &role, float (&acc)[2][4]) {
+    uint2 xs[8];
+#pragma unroll
+    for (int i2 = 0; i2 < 4; ++i2) {
+        const uint4 v = role.loads_x ? reinterpret_cast<const uint4 *>(xr)[i2] : make_uint4(0, 0, 0, 0);
+        xs[2 * i2] = make_uint2(v.x, v.y);
+        xs[2 * i2 + 1] = make_uint2(v.z, v.w);
+    }
+    if constexpr (D == kF16) {
+        const pumice::cuda::UnitDecoder<2> dec(q, make_uint2(0, 0), sm);
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            uint32_t a[4];
+            dec.ktile(t, a);
+            const uint32_t b[2] = {xs[t].x, xs[t].y};
+            mma_16816(acc[t % 2], a, b);
+        }
+    } else if constexpr (D != kNone) {
+        float part[2][4] = {};
+        uint32_t folded = 0;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            uint32_t a[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                a[r] = D == kMmaOnly ? pumice::cuda::word_of(q, (t + r) % 4)
+                                     : code_pair<2>(q, make_uint2(0, 0), t, r, kHalf1024x2);
+            const uint32_t b[2] = {xs[t].x & role.keep_b0, xs[t].y & role.keep_b1};
+            if constexpr (D == kDecodeOnly) folded ^= a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1];
+            else mma_16816(part[t % 2], a, b);
+        }
+        if constexpr (D == kDecodeOnly) part[0][0] = __uint_as_float(folded & 0x3FFFFFFFu);
+        const float2 lo = __half22float2(u32_as_half2(sm.x));  // {s, m} of row g
+        const float2 hi = __half22float2(u32_as_half2(sm.y));  // row g + 8
+        acc[0][0] += lo.x * (part[0][0] + part[0][1] + part[1][0] + part[1][1]) + fmaf(-1024.f, lo.x, lo.y) * xq;
+        acc[0][1] += hi.x * (part[0][2] + part[0][3] + part[1][2] + part[1][3]) + fmaf(-1024.f, hi.x, hi.y) * xq;
+    }
+}
+
+// The warp's sums for rows g (lo) and g + 8 (hi), valid in lanes 4g.
+template <int D> __device__ __forceinline__ void row_sums(const float (&acc)[2][4], float &lo, float &hi) {
+    if constexpr (D >= kCols) {  // the quad's lanes hold the same rows over different inputs
+        lo = acc[0][0];
+        hi = acc[0][1];
+        lo += __shfl_xor_sync(~0u, lo, 1);
+        lo += __shfl_xor_sync(~0u, lo, 2);
+        hi += __shfl_xor_sync(~0u, hi, 1);
+        hi += __shfl_xor_sync(~0u, hi, 2);
+    } else {  // column 0
+        lo = acc[0][0] + acc[1][0];
+        hi = acc[0][2] + acc[1][2];
+    }
+}
+
+__device__ __forceinline__ void init_ring(int stages, int consumers, uint64_t *full, uint64_t *empty) {
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < stages; ++i) {
+            asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
+            asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[i])), "r"(consumers));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n");
+    }
+}
+
+// Grid barriers between matrices (chained) or none (independent).
 template <int C, int S, int D>
 __global__ void __launch_bounds__((C + 1) * 32, 1)
     persistent_gemv(const Matrix *mats, int n_mats, const __half *fixed, bool chained, bool dynamic,
@@ -152,64 +316,15 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
     __shared__ __align__(8) uint64_t full[S], empty[S];
     __shared__ int header[S], taken[kMaxItemsPerSm];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < S; ++i) {
-            asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
-            asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[i])), "r"(C));
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n");
-    }
+    init_ring(S, C, full, empty);
     for (int i = threadIdx.x; i < kMaxItemsPerSm * 16; i += blockDim.x) red[i] = 0.f;
     __syncthreads();
-
-    if (warp == C) {  // producer: every matrix's items, in order, as fast as stages free up
-        if (lane == 0) {
-            int it = 0;
-            for (int mi = 0; mi < n_mats; ++mi) {
-                const Matrix &m = mats[mi];
-                const int per_tile = items_per_tile(m), n_items = m.tiles * per_tile;
-                for (int j = 0;; ++j, ++it) {
-                    int item = -1;
-                    if (j < kMaxItemsPerSm) {
-                        item = dynamic ? static_cast<int>(atomicAdd(work + mi, 1u)) : static_cast<int>(blockIdx.x) + j * gridDim.x;
-                        if (item >= n_items) item = -1;
-                    }
-                    const int st = it % S;
-                    if (it >= S) mbar_wait(&empty[st], ((it / S) & 1) ^ 1);
-                    header[st] = item;
-                    if (item < 0) {  // the end marker: no bytes, a plain arrival
-                        asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&full[st])) : "memory");
-                        ++it;
-                        break;
-                    }
-                    const int tile = item / per_tile, c = item % per_tile;
-                    const int n = m.units - c * kChunkUnits < kChunkUnits ? m.units - c * kChunkUnits : kChunkUnits;
-                    const int64_t u0 = static_cast<int64_t>(tile) * m.units + c * kChunkUnits;
-                    unsigned char *dst = ring + st * kStageBytes;
-                    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[st])),
-                                 "r"(skip & kSkipScales ? n * 512 : n * 640) : "memory");
-                    asm volatile(
-                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                            smem_addr(dst)),
-                        "l"(m.codes + u0 * 32), "r"(n * 512), "r"(smem_addr(&full[st]))
-                        : "memory");
-                    if (!(skip & kSkipScales))
-                    asm volatile(
-                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                            smem_addr(dst + kChunkUnits * 512)),
-                        "l"(m.scales + u0 * 16), "r"(n * 128), "r"(smem_addr(&full[st]))
-                        : "memory");
-                }
-            }
-        }
+    if (warp == C) {
+        if (lane == 0) produce_items<S>(mats, n_mats, dynamic, work, skip, ring, full, empty, header);
         return;
     }
-
-    // Consumers. cols: lane 4n + q feeds column n; it holds quad q's b0 inputs when n = 2q, its
-    // b1 inputs when n = 2q + 1, and nothing otherwise.
+    const LaneRole<D> role;
     const int quad = lane % 4, col = lane / 4;
-    const uint32_t keep_b0 = col == 2 * quad ? ~0u : 0u, keep_b1 = col == 2 * quad + 1 ? ~0u : 0u;
-    const bool loads_x = D >= kCols ? (keep_b0 | keep_b1) != 0u : lane < 4;
     int it = 0;
     stage_input<C>(mats[0], fixed, x, xsum);
     consumers_sync<C>();
@@ -218,88 +333,28 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
         const int per_tile = items_per_tile(m);
         int j = 0;
         for (;; ++j, ++it) {
-            const int st = it % S;
-            mbar_wait(&full[st], (it / S) & 1);
-            const int item = header[st];
-            const unsigned char *base = ring + st * kStageBytes;
             uint4 q[UPW];
             uint2 sm[UPW];
-#pragma unroll
-            for (int w = 0; w < UPW; ++w) {
-                const int idx = (warp + w * C) % kChunkUnits;
-                q[w] = reinterpret_cast<const uint4 *>(base)[idx * 32 + lane];
-                // The lane's 32 inputs lie in one group of 64: quads 0-1 the first, 2-3 the second.
-                sm[w] = reinterpret_cast<const uint2 *>(base + kChunkUnits * 512)[idx * 16 + quad / 2 * 8 + col];
-            }
-            __syncwarp();
-            if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
+            const int item = take_stage<C, S, UPW>(it, ring, full, empty, header, q, sm);
             if (item < 0) {
                 ++it;
                 break;
             }
             if (warp == 0 && lane == 0) taken[j] = item;
             if constexpr (D != kNone) {
-                const int c = item % per_tile;
-                const int n = m.units - c * kChunkUnits < kChunkUnits ? m.units - c * kChunkUnits : kChunkUnits;
-                float acc[2][4] = {};  // f16: two alternating accumulators; cols: acc[0][0..1] rows g, g + 8
+                const int c = item % per_tile, n = item_units(m, c);
+                float acc[2][4] = {};
 #pragma unroll
                 for (int w = 0; w < UPW; ++w) {
                     const int idx = warp + w * C;
                     if (idx >= n) break;
                     const int u = c * kChunkUnits + idx;
-                    uint2 xs[8];
                     const __half *xr = (skip & kGlobalX ? fixed : x) + u * 128 + quad * 32;
-#pragma unroll
-                    for (int i2 = 0; i2 < 4; ++i2) {
-                        const uint4 v = loads_x ? reinterpret_cast<const uint4 *>(xr)[i2] : make_uint4(0, 0, 0, 0);
-                        xs[2 * i2] = make_uint2(v.x, v.y);
-                        xs[2 * i2 + 1] = make_uint2(v.z, v.w);
-                    }
-                    if constexpr (D == kF16) {
-                        const pumice::cuda::UnitDecoder<2> dec(q[w], make_uint2(0, 0), sm[w]);
-#pragma unroll
-                        for (int t = 0; t < 8; ++t) {
-                            uint32_t a[4];
-                            dec.ktile(t, a);
-                            const uint32_t b[2] = {xs[t].x, xs[t].y};
-                            mma_16816(acc[t % 2], a, b);
-                        }
-                    } else {
-                        float part[2][4] = {};
-                        uint32_t folded = 0;
-#pragma unroll
-                        for (int t = 0; t < 8; ++t) {
-                            uint32_t a[4];
-#pragma unroll
-                            for (int r = 0; r < 4; ++r)
-                                a[r] = D == kMmaOnly ? pumice::cuda::word_of(q[w], (t + r) % 4)
-                                                     : code_pair<2>(q[w], make_uint2(0, 0), t, r, kHalf1024x2);
-                            const uint32_t b[2] = {xs[t].x & keep_b0, xs[t].y & keep_b1};
-                            if constexpr (D == kDecodeOnly) folded ^= a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1];
-                            else mma_16816(part[t % 2], a, b);
-                        }
-                        if constexpr (D == kDecodeOnly) part[0][0] = __uint_as_float(folded & 0x3FFFFFFFu);
-                        const float xq = (skip & kGlobalX ? fixed_sum : xsum)[u * 4 + quad];
-                        const float2 lo = __half22float2(u32_as_half2(sm[w].x));  // {s, m} of row g
-                        const float2 hi = __half22float2(u32_as_half2(sm[w].y));  // row g + 8
-                        acc[0][0] += lo.x * (part[0][0] + part[0][1] + part[1][0] + part[1][1]) +
-                                     fmaf(-1024.f, lo.x, lo.y) * xq;
-                        acc[0][1] += hi.x * (part[0][2] + part[0][3] + part[1][2] + part[1][3]) +
-                                     fmaf(-1024.f, hi.x, hi.y) * xq;
-                    }
+                    const float xq = D >= kCols ? (skip & kGlobalX ? fixed_sum : xsum)[u * 4 + quad] : 0.f;
+                    unit_dot<D>(q[w], sm[w], xr, xq, role, acc);
                 }
                 float lo, hi;
-                if constexpr (D >= kCols) {  // the quad's lanes hold the same rows over different inputs
-                    lo = acc[0][0];
-                    hi = acc[0][1];
-                    lo += __shfl_xor_sync(~0u, lo, 1);
-                    lo += __shfl_xor_sync(~0u, lo, 2);
-                    hi += __shfl_xor_sync(~0u, hi, 1);
-                    hi += __shfl_xor_sync(~0u, hi, 2);
-                } else {  // column 0: lanes 4g
-                    lo = acc[0][0] + acc[1][0];
-                    hi = acc[0][2] + acc[1][2];
-                }
+                row_sums<D>(acc, lo, hi);
                 if (quad == 0) {
                     atomicAdd(red + j * 16 + col, lo);
                     atomicAdd(red + j * 16 + col + 8, hi);
@@ -332,6 +387,133 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
         consumers_sync<C>();
         if (!(skip & kSkipStaging)) stage_input<C>(mats[mi + 1], fixed, x, xsum);
         consumers_sync<C>();
+    }
+}
+
+// Dataflow instead of barriers: a consumer warp waits only for the 128-input chunks its own
+// units read (a counter of finished tiles per chunk of the previous matrix's output: 8 = ready),
+// so an SM starts the next matrix's work as soon as its inputs exist, while others still finish.
+// The warp that completes an item's reduction writes its rows; the item that completes a tile
+// writes the tile as f16 with its sum (the next matrix's input) and counts it into its chunk.
+constexpr int kSlots = 16;  // in-SM reductions in flight: more than the S stages a warp can run ahead
+
+__device__ __forceinline__ void wait_count(const unsigned *p, unsigned target) {
+    if (threadIdx.x % 32 == 0) {
+        unsigned v = 0;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+        } while (v < target);
+    }
+    __syncwarp();
+}
+
+// The fence between publishing and counting: fence.sc (__threadfence) or fence.acq_rel.
+template <bool SC> __device__ __forceinline__ void gpu_fence(int skip) {
+    if (skip & kNoFence) return;
+    if constexpr (SC) __threadfence();
+    else asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+}
+
+// Run by the whole warp that brought the item's reduction to C warps.
+template <bool SC>
+__device__ void finish_item(const Matrix &m, int tile, int per_tile, float *red_slot, unsigned *done_slot, int skip) {
+    const int lane = threadIdx.x % 32;
+    __threadfence_block();
+    float v = lane < 16 ? red_slot[lane] : 0.f;
+    __syncwarp();
+    if (lane < 16) red_slot[lane] = 0.f;
+    if (lane == 0) *done_slot = 0;
+    const int64_t row = static_cast<int64_t>(tile) * 16 + lane;
+    if (per_tile > 1) {  // parts of a tile meet in the zeroed f32 output; the last one goes on
+        if (lane < 16) atomicAdd(m.out + row, v);
+        gpu_fence<SC>(skip);
+        __syncwarp();
+        unsigned before = 0;
+        if (lane == 0) before = atomicAdd(m.tile_done + tile, 1u);
+        if (__shfl_sync(~0u, before, 0) != static_cast<unsigned>(per_tile - 1)) return;
+        gpu_fence<SC>(skip);
+        v = lane < 16 ? __ldcg(m.out + row) : 0.f;
+    } else if (lane < 16) {
+        m.out[row] = v;
+    }
+    const __half h = __float2half(v);
+    if (lane < 16) m.xout[row] = h;
+    float s = lane < 16 ? __half2float(h) : 0.f;
+#pragma unroll
+    for (int o = 8; o; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
+    if (lane == 0) m.tsum[tile] = s;
+    gpu_fence<SC>(skip);
+    __syncwarp();
+    if (lane == 0) atomicAdd(m.ready + tile / 8, 1u);
+}
+
+template <int C, int S, int D, bool SC>
+__global__ void __launch_bounds__((C + 1) * 32, 1)
+    dataflow_gemv(const Matrix *mats, int n_mats, bool dynamic, unsigned *work, int skip) {
+    constexpr int UPW = (kChunkUnits + C - 1) / C;
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char *ring = smem;
+    __shared__ __align__(8) uint64_t full[S], empty[S];
+    __shared__ int header[S];
+    __shared__ float red[kSlots][16];
+    __shared__ unsigned done[kSlots];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    init_ring(S, C, full, empty);
+    for (int i = threadIdx.x; i < kSlots * 16; i += blockDim.x) red[i / 16][i % 16] = 0.f;
+    if (threadIdx.x < kSlots) done[threadIdx.x] = 0;
+    __syncthreads();
+    if (warp == C) {
+        if (lane == 0) produce_items<S>(mats, n_mats, dynamic, work, skip, ring, full, empty, header);
+        return;
+    }
+    const LaneRole<D> role;
+    const int quad = lane % 4, col = lane / 4;
+    int it = 0;
+    for (int mi = 0; mi < n_mats; ++mi) {
+        const Matrix &m = mats[mi];
+        const int per_tile = items_per_tile(m);
+        uint64_t seen_lo = 0, seen_hi = 0;  // input chunks this warp knows are complete
+        for (;; ++it) {
+            uint4 q[UPW];
+            uint2 sm[UPW];
+            const int item = take_stage<C, S, UPW>(it, ring, full, empty, header, q, sm);
+            if (item < 0) {
+                ++it;
+                break;
+            }
+            const int slot = it % kSlots;
+            const int tile = item / per_tile, c = item % per_tile, n = item_units(m, c);
+            float acc[2][4] = {};
+#pragma unroll
+            for (int w = 0; w < UPW; ++w) {
+                const int idx = warp + w * C;
+                if (idx >= n) break;
+                const int u = c * kChunkUnits + idx;
+                if (m.in_ready && !(skip & kNoWait)) {
+                    const uint64_t bit = 1ull << (u % 64);
+                    if (!((u < 64 ? seen_lo : seen_hi) & bit)) {
+                        wait_count(m.in_ready + u, 8);
+                        if (u < 64) seen_lo |= bit;
+                        else seen_hi |= bit;
+                    }
+                }
+                const float xq = D >= kCols ? m.xin_sum[2 * (u * 4 + quad)] + m.xin_sum[2 * (u * 4 + quad) + 1] : 0.f;
+                unit_dot<D>(q[w], sm[w], m.xin + u * 128 + quad * 32, xq, role, acc);
+            }
+            float lo, hi;
+            row_sums<D>(acc, lo, hi);
+            if (D != kNone && quad == 0) {
+                atomicAdd(&red[slot][col], lo);
+                atomicAdd(&red[slot][col + 8], hi);
+            }
+            __syncwarp();
+            unsigned before = 0;
+            if (lane == 0) {
+                __threadfence_block();
+                before = atomicAdd(&done[slot], 1u);
+            }
+            if (__shfl_sync(~0u, before, 0) == C - 1) finish_item<SC>(m, tile, per_tile, red[slot], &done[slot], skip);
+        }
     }
 }
 
@@ -397,6 +579,46 @@ struct Variant {
     size_t smem() const { return stages * kStageBytes + kMaxK * 2 + kMaxK / 32 * 4 + kMaxItemsPerSm * 16 * 4; }
 };
 
+struct FlowVariant {
+    const char *name;
+    int consumers, decode, stages, skip;
+    void (*kernel)(const Matrix *, int, bool, unsigned *, int);
+};
+
+// Median of 10 timed runs after 2 warm-up runs, in ms.
+template <class F> double median_ms(F launch) {
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    std::vector<float> ts;
+    for (int r = 0; r < 12; ++r) {
+        CHECK(cudaEventRecord(e0));
+        launch();
+        CHECK(cudaEventRecord(e1));
+        CHECK(cudaEventSynchronize(e1));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= 2) ts.push_back(ms);
+    }
+    CHECK(cudaEventDestroy(e0));
+    CHECK(cudaEventDestroy(e1));
+    std::sort(ts.begin(), ts.end());
+    return ts[ts.size() / 2];
+}
+
+// Device-to-device copy bandwidth (bytes read + written), as bench_cuda.py measures it.
+double copy_bandwidth() {
+    const size_t n = size_t(1) << 30;
+    void *a, *b;
+    CHECK(cudaMalloc(&a, n));
+    CHECK(cudaMalloc(&b, n));
+    CHECK(cudaMemset(a, 1, n));
+    const double ms = median_ms([&] { CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice)); });
+    CHECK(cudaFree(a));
+    CHECK(cudaFree(b));
+    return 2.0 * n / (ms * 1e-3);
+}
+
 int main() {
     int sms = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -439,23 +661,49 @@ int main() {
             return 1;
         }
     }
-    Matrix *d_mats;
-    CHECK(cudaMalloc(&d_mats, mats.size() * sizeof(Matrix)));
-    CHECK(cudaMemcpy(d_mats, mats.data(), mats.size() * sizeof(Matrix), cudaMemcpyHostToDevice));
     __half *fixed, *ref_x;
     unsigned *arrived, *work;
-    float *fixed_sum;
+    float *fixed_sum, *fixed_tsum;
     CHECK(cudaMalloc(&fixed_sum, kMaxK / 32 * 4));
-    CHECK(cudaMemset(fixed_sum, 0, kMaxK / 32 * 4));
+    CHECK(cudaMalloc(&fixed_tsum, kMaxK / 16 * 4));
     CHECK(cudaMalloc(&work, shapes.size() * 4));
     CHECK(cudaMalloc(&fixed, kMaxK * 2));
     CHECK(cudaMalloc(&ref_x, kMaxK * 2));
     CHECK(cudaMalloc(&arrived, 4));
     {
         std::vector<__half> h(kMaxK);
-        for (int i = 0; i < kMaxK; ++i) h[i] = __float2half(std::sin(0.37 * i) + 0.25 * std::cos(1.3 * i));
+        std::vector<float> run_sums(kMaxK / 32, 0.f), tile_sums(kMaxK / 16, 0.f);
+        for (int i = 0; i < kMaxK; ++i) {
+            h[i] = __float2half(std::sin(0.37 * i) + 0.25 * std::cos(1.3 * i));
+            run_sums[i / 32] += __half2float(h[i]);
+            tile_sums[i / 16] += __half2float(h[i]);
+        }
         CHECK(cudaMemcpy(fixed, h.data(), kMaxK * 2, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy(fixed_sum, run_sums.data(), run_sums.size() * 4, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy(fixed_tsum, tile_sums.data(), tile_sums.size() * 4, cudaMemcpyHostToDevice));
     }
+    // The dataflow kernel's buffers: f16 outputs, 16-row sums, counters (ready per 128 rows, then
+    // items finished per tile). Every row count here is a multiple of 128.
+    const size_t all_tiles = out_floats / 16, all_chunks = out_floats / 128;
+    __half *xouts;
+    float *tsums;
+    unsigned *counts;
+    CHECK(cudaMalloc(&xouts, out_floats * 2));
+    CHECK(cudaMalloc(&tsums, all_tiles * 4));
+    CHECK(cudaMalloc(&counts, (all_chunks + all_tiles) * 4));
+    for (size_t i = 0, off = 0; i < mats.size(); off += mats[i].tiles * 16, ++i) {
+        Matrix &m = mats[i];
+        m.xout = xouts + off;
+        m.tsum = tsums + off / 16;
+        m.ready = counts + off / 128;
+        m.tile_done = counts + all_chunks + off / 16;
+        m.xin = i > 0 ? mats[i - 1].xout : fixed;
+        m.xin_sum = i > 0 ? mats[i - 1].tsum : fixed_tsum;
+        m.in_ready = i > 0 ? mats[i - 1].ready : nullptr;
+    }
+    Matrix *d_mats;
+    CHECK(cudaMalloc(&d_mats, mats.size() * sizeof(Matrix)));
+    CHECK(cudaMemcpy(d_mats, mats.data(), mats.size() * sizeof(Matrix), cudaMemcpyHostToDevice));
 
     const Variant variants[] = {
         {"ring only, 8 stages", 8, kNone, 8, 0, persistent_gemv<8, 8, kNone>},
@@ -474,8 +722,21 @@ int main() {
         {"cols decode only, 16 warps, x global", 16, kDecodeOnly, 8, kSkipStaging | kGlobalX,
          persistent_gemv<16, 8, kDecodeOnly>},
     };
+    const FlowVariant flows[] = {
+        {"ring only, fence.sc", 8, kNone, 8, 0, dataflow_gemv<8, 8, kNone, true>},
+        {"ring only, fence.acq_rel", 8, kNone, 8, 0, dataflow_gemv<8, 8, kNone, false>},
+        {"f16 decode, 16 warps, fence.sc", 16, kF16, 8, 0, dataflow_gemv<16, 8, kF16, true>},
+        {"cols decode, 16 warps, fence.sc", 16, kCols, 8, 0, dataflow_gemv<16, 8, kCols, true>},
+        {"cols decode, 16 warps, fence.acq_rel", 16, kCols, 8, 0, dataflow_gemv<16, 8, kCols, false>},
+        {"cols mma only, 16 warps, fence.acq_rel", 16, kMmaOnly, 8, 0, dataflow_gemv<16, 8, kMmaOnly, false>},
+        {"ring only, no fences", 8, kNone, 8, kNoFence, dataflow_gemv<8, 8, kNone, true>},
+        {"ring only, no fences, no waits", 8, kNone, 8, kNoFence | kNoWait, dataflow_gemv<8, 8, kNone, true>},
+        {"cols decode, 16 warps, no fences", 16, kCols, 8, kNoFence, dataflow_gemv<16, 8, kCols, true>},
+    };
     for (const Variant &v : variants)
         CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(v.smem())));
+    for (const FlowVariant &v : flows)
+        CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.stages * kStageBytes));
     auto run = [&](const Variant &v, const Matrix *ms, int n_mats, bool chained, bool dynamic) {
         CHECK(cudaMemsetAsync(outs, 0, out_floats * 4));
         CHECK(cudaMemsetAsync(arrived, 0, 4));
@@ -484,25 +745,32 @@ int main() {
                                                             fixed_sum);
         CHECK(cudaGetLastError());
     };
+    auto run_flow = [&](const FlowVariant &v, const Matrix *ms, int n_mats, bool dynamic) {
+        CHECK(cudaMemsetAsync(outs, 0, out_floats * 4));
+        CHECK(cudaMemsetAsync(counts, 0, (all_chunks + all_tiles) * 4));
+        CHECK(cudaMemsetAsync(work, 0, shapes.size() * 4));
+        v.kernel<<<sms, (v.consumers + 1) * 32, v.stages * kStageBytes>>>(ms, n_mats, dynamic, work, v.skip);
+        CHECK(cudaGetLastError());
+    };
 
-    // Correctness: a chain of one layer and the head (chained), against the reference.
-    std::vector<int> check = {0, 1, 2, 3, static_cast<int>(shapes.size()) - 1};
-    std::vector<Matrix> chain_mats;
-    for (int i : check) chain_mats.push_back(mats[i]);
-    chain_mats[4].prev = chain_mats[3].out;  // the head follows this layer's down
+    // Correctness: a chain of one layer and the head, against the reference. The barrier kernel
+    // feeds down silu(gate) * up; the dataflow kernel feeds it the f16 of the first 11008 rows.
+    std::vector<Matrix> chain;
+    for (int i : {0, 1, 2, 3, static_cast<int>(shapes.size()) - 1}) chain.push_back(mats[i]);
+    chain[4].prev = chain[3].out;  // the head follows this layer's down
+    chain[4].xin = chain[3].xout;
+    chain[4].xin_sum = chain[3].tsum;
+    chain[4].in_ready = chain[3].ready;
     Matrix *d_chain;
-    CHECK(cudaMalloc(&d_chain, chain_mats.size() * sizeof(Matrix)));
-    CHECK(cudaMemcpy(d_chain, chain_mats.data(), chain_mats.size() * sizeof(Matrix), cudaMemcpyHostToDevice));
-    std::vector<std::vector<float>> refs;
-    {
+    CHECK(cudaMalloc(&d_chain, chain.size() * sizeof(Matrix)));
+    CHECK(cudaMemcpy(d_chain, chain.data(), chain.size() * sizeof(Matrix), cudaMemcpyHostToDevice));
+    auto reference = [&](std::vector<Matrix> rm) {
+        std::vector<std::vector<float>> refs;
         float *ref_out;
         CHECK(cudaMalloc(&ref_out, out_floats * 4));
-        std::vector<Matrix> rm = chain_mats;
-        size_t off = 0;
-        for (size_t i = 0; i < rm.size(); ++i) {
+        for (size_t i = 0, off = 0; i < rm.size(); off += rm[i].tiles * 16, ++i) {
             rm[i].out = ref_out + off;
             if (i > 0) rm[i].prev = rm[i - 1].out;
-            off += rm[i].tiles * 16;
         }
         for (const Matrix &m : rm) {
             reference_input<<<64, 256>>>(m, fixed, ref_x);
@@ -513,17 +781,12 @@ int main() {
             refs.push_back(h);
         }
         CHECK(cudaFree(ref_out));
-    }
-    std::printf("relative error against the reference (chain QKV, O, gate/up, down, head):\n");
-    for (const Variant &v : variants)
-        for (bool dynamic : {false, true}) {
-        if (v.decode == kNone || v.decode > kCols || v.skip) continue;
-        run(v, d_chain, 5, true, dynamic);
-        CHECK(cudaDeviceSynchronize());
-        std::printf("  %-24s %-8s", v.name, dynamic ? "dynamic" : "static");
-        for (size_t i = 0; i < chain_mats.size(); ++i) {
-            std::vector<float> h(chain_mats[i].tiles * 16);
-            CHECK(cudaMemcpy(h.data(), chain_mats[i].out, h.size() * 4, cudaMemcpyDeviceToHost));
+        return refs;
+    };
+    auto print_errors = [&](const std::vector<std::vector<float>> &refs) {
+        for (size_t i = 0; i < chain.size(); ++i) {
+            std::vector<float> h(chain[i].tiles * 16);
+            CHECK(cudaMemcpy(h.data(), chain[i].out, h.size() * 4, cudaMemcpyDeviceToHost));
             double num = 0, den = 0;
             for (size_t r = 0; r < h.size(); ++r) {
                 num += (h[r] - refs[i][r]) * static_cast<double>(h[r] - refs[i][r]);
@@ -532,61 +795,52 @@ int main() {
             std::printf(" %.2e", std::sqrt(num / std::max(den, 1e-30)));
         }
         std::printf("\n");
-    }
-
-    // Copy bandwidth (bytes read + written), as bench_cuda.py measures it.
-    double copy_bps = 0;
-    {
-        const size_t n = size_t(1) << 30;
-        void *a, *b;
-        CHECK(cudaMalloc(&a, n));
-        CHECK(cudaMalloc(&b, n));
-        CHECK(cudaMemset(a, 1, n));
-        cudaEvent_t e0, e1;
-        CHECK(cudaEventCreate(&e0));
-        CHECK(cudaEventCreate(&e1));
-        std::vector<float> ts;
-        for (int r = 0; r < 13; ++r) {
-            CHECK(cudaEventRecord(e0));
-            CHECK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice));
-            CHECK(cudaEventRecord(e1));
-            CHECK(cudaEventSynchronize(e1));
-            float ms;
-            CHECK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= 3) ts.push_back(ms);
-        }
-        std::sort(ts.begin(), ts.end());
-        copy_bps = 2.0 * n / (ts[ts.size() / 2] * 1e-3);
-        CHECK(cudaFree(a));
-        CHECK(cudaFree(b));
-    }
-    std::printf("\n%d SMs, %zu matrices, %.2f GB of weights (codes + scales), copy bandwidth %.0f GB/s\n\n", sms,
-                shapes.size(), weight_bytes / 1e9, copy_bps / 1e9);
-    std::printf("| consumers | work | independent ms | GB/s | %% of copy | chained ms | GB/s | %% of copy |\n"
-                "|---|---|---|---|---|---|---|---|\n");
-    cudaEvent_t e0, e1;
-    CHECK(cudaEventCreate(&e0));
-    CHECK(cudaEventCreate(&e1));
+    };
+    const auto refs = reference(chain);
+    std::vector<Matrix> flow_chain = chain;
+    flow_chain[3].input = kPrevious;
+    const auto flow_refs = reference(flow_chain);
+    std::printf("relative error against the reference (chain QKV, O, gate/up, down, head):\n");
     for (const Variant &v : variants)
         for (bool dynamic : {false, true}) {
-        std::printf("| %s | %s |", v.name, dynamic ? "dynamic" : "static");
-        for (bool chained : {false, true}) {
-            std::vector<float> ts;
-            for (int r = 0; r < 12; ++r) {
-                CHECK(cudaEventRecord(e0));
-                run(v, d_mats, static_cast<int>(shapes.size()), chained, dynamic);
-                CHECK(cudaEventRecord(e1));
-                CHECK(cudaEventSynchronize(e1));
-                float ms;
-                CHECK(cudaEventElapsedTime(&ms, e0, e1));
-                if (r >= 2) ts.push_back(ms);
-            }
-            std::sort(ts.begin(), ts.end());
-            const double ms = ts[ts.size() / 2];
-            const double bps = weight_bytes / (ms * 1e-3);
-            std::printf(" %.3f | %.0f | %.0f%% |", ms, bps / 1e9, 100 * bps / copy_bps);
+            if (v.decode == kNone || v.decode > kCols || v.skip) continue;
+            run(v, d_chain, 5, true, dynamic);
+            CHECK(cudaDeviceSynchronize());
+            std::printf("  barriers, %-32s %-8s", v.name, dynamic ? "dynamic" : "static");
+            print_errors(refs);
         }
-        std::printf("\n");
-    }
+    for (const FlowVariant &v : flows)
+        for (bool dynamic : {false, true}) {
+            if (v.decode == kNone || v.decode > kCols || v.skip) continue;
+            run_flow(v, d_chain, 5, dynamic);
+            CHECK(cudaDeviceSynchronize());
+            std::printf("  dataflow, %-32s %-8s", v.name, dynamic ? "dynamic" : "static");
+            print_errors(flow_refs);
+        }
+
+    const double copy_bps = copy_bandwidth();
+    std::printf("\n%d SMs, %zu matrices, %.2f GB of weights (codes + scales), copy bandwidth %.0f GB/s\n\n", sms,
+                shapes.size(), weight_bytes / 1e9, copy_bps / 1e9);
+    auto cell = [&](double ms) {
+        const double bps = weight_bytes / (ms * 1e-3);
+        std::printf(" %.3f | %.0f | %.0f%% |", ms, bps / 1e9, 100 * bps / copy_bps);
+    };
+    std::printf("Grid barriers:\n\n| consumers | work | independent ms | GB/s | %% of copy | chained ms | GB/s | %% of copy |\n"
+                "|---|---|---|---|---|---|---|---|\n");
+    for (const Variant &v : variants)
+        for (bool dynamic : {false, true}) {
+            std::printf("| %s | %s |", v.name, dynamic ? "dynamic" : "static");
+            for (bool chained : {false, true})
+                cell(median_ms([&] { run(v, d_mats, static_cast<int>(shapes.size()), chained, dynamic); }));
+            std::printf("\n");
+        }
+    std::printf("\nDataflow (a counter per 128 inputs instead of barriers):\n\n| consumers | work | ms | GB/s | %% of copy |\n"
+                "|---|---|---|---|---|\n");
+    for (const FlowVariant &v : flows)
+        for (bool dynamic : {false, true}) {
+            std::printf("| %s | %s |", v.name, dynamic ? "dynamic" : "static");
+            cell(median_ms([&] { run_flow(v, d_mats, static_cast<int>(shapes.size()), dynamic); }));
+            std::printf("\n");
+        }
     return 0;
 }
