@@ -1,5 +1,6 @@
 // cuda_bench_util.cuh — the pieces the standalone CUDA benchmarks share (read_bandwidth.cu,
-// gemv_decode_cost.cu): error checks and mbarrier waits.
+// gemv_decode_cost.cu, launch_chain.cu, persistent_gemv.cu): error checks, mbarrier waits, a
+// grid barrier.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -26,4 +27,17 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
     while (!ok)
         asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
                      : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity));
+}
+
+// Thread 0 of a block arrives at a grid-wide barrier of co-resident blocks and waits: arrivals
+// count on one monotonic counter, round r releases at target = (r + 1) * blocks. The caller
+// syncs its block before (its writes) and after (so that the others wait too).
+__device__ __forceinline__ void grid_arrive_and_wait(unsigned *arrived, unsigned target) {
+    __threadfence();
+    atomicAdd(arrived, 1u);
+    unsigned seen = 0;
+    do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(arrived) : "memory");
+    } while (seen < target);
+    __threadfence();
 }

@@ -80,17 +80,8 @@ __global__ void __launch_bounds__(kThreads) persistent_kernel(float *act0, float
         float x = 0.f;
         for (int k = threadIdx.x; k < kAct / 2; k += blockDim.x) x += in[k];
         if (threadIdx.x < 16) out[blockIdx.x * 16 + threadIdx.x] = x + static_cast<float>(threadIdx.x);
-        // Grid barrier: arrivals counted in one monotonic counter, released at rounds * blocks.
         __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            atomicAdd(arrived, 1u);
-            const unsigned target = (r + 1) * gridDim.x;
-            unsigned seen = 0;
-            do {
-                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(arrived) : "memory");
-            } while (seen < target);
-        }
+        if (threadIdx.x == 0) grid_arrive_and_wait(arrived, (r + 1) * gridDim.x);
         __syncthreads();
     }
 }

@@ -371,18 +371,9 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
             red[i] = 0.f;
         }
         if (mi + 1 == n_mats) break;
-        if (chained) {  // grid barrier: arrivals on one monotonic counter, released at (mi + 1) blocks
+        if (chained) {
             consumers_sync<C>();
-            if (threadIdx.x == 0) {
-                __threadfence();
-                atomicAdd(arrived, 1u);
-                const unsigned target = (mi + 1) * gridDim.x;
-                unsigned seen = 0;
-                do {
-                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(arrived) : "memory");
-                } while (seen < target);
-                __threadfence();
-            }
+            if (threadIdx.x == 0) grid_arrive_and_wait(arrived, (mi + 1) * gridDim.x);
         }
         consumers_sync<C>();
         if (!(skip & kSkipStaging)) stage_input<C>(mats[mi + 1], fixed, x, xsum);
