@@ -67,7 +67,9 @@ constexpr int kMaxItemsPerSm = 48;
 
 // kMmaOnly / kDecodeOnly split the cols consumer's cost (wrong results): the raw code words go
 // into the mmas undecoded, or the decoded words are folded with XOR and no mma runs.
-enum Decode { kNone = 0, kF16 = 1, kCols = 2, kMmaOnly = 3, kDecodeOnly = 4 };
+// kInt8 (kGlobalX only): the codes as bytes into mma.m16n8k32.s8 with an int8 activation
+// (see unit_dot_int8).
+enum Decode { kNone = 0, kF16 = 1, kCols = 2, kMmaOnly = 3, kDecodeOnly = 4, kInt8 = 5 };
 enum Input { kFixed = 0, kPrevious = 1, kSwiGlu = 2 };
 // Parts left out to see what they cost (the results are then wrong): the scales' copies, the
 // staging of the next activation.
@@ -277,6 +279,35 @@ __device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const 
     }
 }
 
+// int8: register s of the shifted word j, (w >> 2s) & 0x03030303, holds the codes of row
+// g + 8(s % 2) at the quad's inputs 8j + {0, 4, 1, 5} (s < 2) or 8j + {2, 6, 3, 7} (s >= 2), one
+// byte each: exactly the A fragment of an m16n8k32 mma whose k slots 4q..4q+3 are the first set
+// and 16+4q.. the second. With the column route (column 2q carries quad q's first-set inputs,
+// 2q + 1 its second set) every accumulator sums one quad's 32 inputs over the four words: one
+// quantization group, scaled after. The activation comes as its B image (per 32-input run: the
+// eight words of the b0 and b1 registers, int8 q = round(x / d)) and {d, X, Q} per run, as a
+// producing epilogue would write them; centred codes: s (d sum(c q) + 1.5 (X - d Q)) + m X.
+__device__ __forceinline__ void unit_dot_int8(const uint4 &q, const uint2 &sm, const uint4 *image, const float4 *runs,
+                                              int run, const LaneRole<kInt8> &role, float (&acc)[2][4]) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const uint4 first = role.keep_b0 ? image[2 * run] : zero, second = role.keep_b1 ? image[2 * run + 1] : zero;
+    int c[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint32_t w = pumice::cuda::word_of(q, j);
+        asm volatile(
+            "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(w & 0x03030303u), "r"((w >> 2) & 0x03030303u), "r"((w >> 4) & 0x03030303u),
+              "r"((w >> 6) & 0x03030303u), "r"(pumice::cuda::word_of(first, j)), "r"(pumice::cuda::word_of(second, j)));
+    }
+    const float4 info = runs[run];  // {d, X, Q, -}
+    const float centre = 1.5f * (info.y - info.x * info.z);
+    const float2 lo = __half22float2(u32_as_half2(sm.x)), hi = __half22float2(u32_as_half2(sm.y));
+    acc[0][0] += lo.x * fmaf(info.x, static_cast<float>(c[0] + c[1]), centre) + lo.y * info.y;
+    acc[0][1] += hi.x * fmaf(info.x, static_cast<float>(c[2] + c[3]), centre) + hi.y * info.y;
+}
+
 // The warp's sums for rows g (lo) and g + 8 (hi), valid in lanes 4g.
 template <int D> __device__ __forceinline__ void row_sums(const float (&acc)[2][4], float &lo, float &hi) {
     if constexpr (D >= kCols) {  // the quad's lanes hold the same rows over different inputs
@@ -306,7 +337,8 @@ __device__ __forceinline__ void init_ring(int stages, int consumers, uint64_t *f
 template <int C, int S, int D>
 __global__ void __launch_bounds__((C + 1) * 32, 1)
     persistent_gemv(const Matrix *mats, int n_mats, const __half *fixed, bool chained, bool dynamic,
-                    unsigned *arrived, unsigned *work, int skip, const float *fixed_sum) {
+                    unsigned *arrived, unsigned *work, int skip, const float *fixed_sum,
+                    const uint4 *fixed_image, const float4 *fixed_runs) {
     constexpr int UPW = (kChunkUnits + C - 1) / C;  // units per consumer warp per stage
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char *ring = smem;
@@ -351,7 +383,8 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
                     const int u = c * kChunkUnits + idx;
                     const __half *xr = (skip & kGlobalX ? fixed : x) + u * 128 + quad * 32;
                     const float xq = D >= kCols ? (skip & kGlobalX ? fixed_sum : xsum)[u * 4 + quad] : 0.f;
-                    unit_dot<D>(q[w], sm[w], xr, xq, role, acc);
+                    if constexpr (D == kInt8) unit_dot_int8(q[w], sm[w], fixed_image, fixed_runs, u * 4 + quad, role, acc);
+                    else unit_dot<D>(q[w], sm[w], xr, xq, role, acc);
                 }
                 float lo, hi;
                 row_sums<D>(acc, lo, hi);
@@ -566,7 +599,8 @@ __global__ void fill_scales(uint2 *p, int64_t n, int k) {
 struct Variant {
     const char *name;
     int consumers, decode, stages, skip;
-    void (*kernel)(const Matrix *, int, const __half *, bool, bool, unsigned *, unsigned *, int, const float *);
+    void (*kernel)(const Matrix *, int, const __half *, bool, bool, unsigned *, unsigned *, int, const float *,
+                   const uint4 *, const float4 *);
     size_t smem() const { return stages * kStageBytes + kMaxK * 2 + kMaxK / 32 * 4 + kMaxItemsPerSm * 16 * 4; }
 };
 
@@ -655,6 +689,8 @@ int main() {
     __half *fixed, *ref_x;
     unsigned *arrived, *work;
     float *fixed_sum, *fixed_tsum;
+    uint4 *fixed_image;
+    float4 *fixed_runs;
     CHECK(cudaMalloc(&fixed_sum, kMaxK / 32 * 4));
     CHECK(cudaMalloc(&fixed_tsum, kMaxK / 16 * 4));
     CHECK(cudaMalloc(&work, shapes.size() * 4));
@@ -672,6 +708,37 @@ int main() {
         CHECK(cudaMemcpy(fixed, h.data(), kMaxK * 2, cudaMemcpyHostToDevice));
         CHECK(cudaMemcpy(fixed_sum, run_sums.data(), run_sums.size() * 4, cudaMemcpyHostToDevice));
         CHECK(cudaMemcpy(fixed_tsum, tile_sums.data(), tile_sums.size() * 4, cudaMemcpyHostToDevice));
+        // The int8 form (unit_dot_int8): per 32-input run d = max|x| / 127, q = round(x / d), the
+        // B image of the b0 words (inputs 8j + {0, 4, 1, 5}) then the b1 words (8j + {2, 6, 3, 7}).
+        std::vector<uint32_t> image(kMaxK / 32 * 8);
+        std::vector<float4> runs(kMaxK / 32);
+        for (int r = 0; r < kMaxK / 32; ++r) {
+            float x[32], amax = 0.f;
+            for (int i = 0; i < 32; ++i) {
+                x[i] = __half2float(h[r * 32 + i]);
+                amax = std::max(amax, std::fabs(x[i]));
+            }
+            const float d = amax / 127.f;
+            int qv[32], q_sum = 0;
+            float x_sum = 0.f;
+            for (int i = 0; i < 32; ++i) {
+                qv[i] = d > 0.f ? static_cast<int>(std::lround(x[i] / d)) : 0;
+                q_sum += qv[i];
+                x_sum += x[i];
+            }
+            auto word = [&](int a, int b, int c, int e) {
+                return (qv[a] & 0xFF) | (qv[b] & 0xFF) << 8 | (qv[c] & 0xFF) << 16 | static_cast<uint32_t>(qv[e] & 0xFF) << 24;
+            };
+            for (int j = 0; j < 4; ++j) {
+                image[r * 8 + j] = word(8 * j, 8 * j + 4, 8 * j + 1, 8 * j + 5);
+                image[r * 8 + 4 + j] = word(8 * j + 2, 8 * j + 6, 8 * j + 3, 8 * j + 7);
+            }
+            runs[r] = make_float4(d, x_sum, static_cast<float>(q_sum), 0.f);
+        }
+        CHECK(cudaMalloc(&fixed_image, image.size() * 4));
+        CHECK(cudaMalloc(&fixed_runs, runs.size() * sizeof(float4)));
+        CHECK(cudaMemcpy(fixed_image, image.data(), image.size() * 4, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy(fixed_runs, runs.data(), runs.size() * sizeof(float4), cudaMemcpyHostToDevice));
     }
     // The dataflow kernel's buffers: f16 outputs, 16-row sums, counters (ready per 128 rows, then
     // items finished per tile). Every row count here is a multiple of 128.
@@ -712,6 +779,8 @@ int main() {
         {"cols mma only, 16 warps, x global", 16, kMmaOnly, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kMmaOnly>},
         {"cols decode only, 16 warps, x global", 16, kDecodeOnly, 8, kSkipStaging | kGlobalX,
          persistent_gemv<16, 8, kDecodeOnly>},
+        {"int8, 16 warps, x from global", 16, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kInt8>},
+        {"int8, 8 warps, x from global", 8, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<8, 8, kInt8>},
     };
     const FlowVariant flows[] = {
         {"ring only, fence.sc", 8, kNone, 8, 0, dataflow_gemv<8, 8, kNone, true>},
@@ -733,7 +802,7 @@ int main() {
         CHECK(cudaMemsetAsync(arrived, 0, 4));
         CHECK(cudaMemsetAsync(work, 0, shapes.size() * 4));
         v.kernel<<<sms, (v.consumers + 1) * 32, v.smem()>>>(ms, n_mats, fixed, chained, dynamic, arrived, work, v.skip,
-                                                            fixed_sum);
+                                                            fixed_sum, fixed_image, fixed_runs);
         CHECK(cudaGetLastError());
     };
     auto run_flow = [&](const FlowVariant &v, const Matrix *ms, int n_mats, bool dynamic) {
@@ -774,17 +843,18 @@ int main() {
         CHECK(cudaFree(ref_out));
         return refs;
     };
-    auto print_errors = [&](const std::vector<std::vector<float>> &refs) {
-        for (size_t i = 0; i < chain.size(); ++i) {
-            std::vector<float> h(chain[i].tiles * 16);
-            CHECK(cudaMemcpy(h.data(), chain[i].out, h.size() * 4, cudaMemcpyDeviceToHost));
-            double num = 0, den = 0;
-            for (size_t r = 0; r < h.size(); ++r) {
-                num += (h[r] - refs[i][r]) * static_cast<double>(h[r] - refs[i][r]);
-                den += refs[i][r] * static_cast<double>(refs[i][r]);
-            }
-            std::printf(" %.2e", std::sqrt(num / std::max(den, 1e-30)));
+    auto relative_error = [&](const Matrix &m, const std::vector<float> &ref) {
+        std::vector<float> h(m.tiles * 16);
+        CHECK(cudaMemcpy(h.data(), m.out, h.size() * 4, cudaMemcpyDeviceToHost));
+        double num = 0, den = 0;
+        for (size_t r = 0; r < h.size(); ++r) {
+            num += (h[r] - ref[r]) * static_cast<double>(h[r] - ref[r]);
+            den += ref[r] * static_cast<double>(ref[r]);
         }
+        return std::sqrt(num / std::max(den, 1e-30));
+    };
+    auto print_errors = [&](const std::vector<std::vector<float>> &refs) {
+        for (size_t i = 0; i < chain.size(); ++i) std::printf(" %.2e", relative_error(chain[i], refs[i]));
         std::printf("\n");
     };
     const auto refs = reference(chain);
@@ -799,6 +869,14 @@ int main() {
             CHECK(cudaDeviceSynchronize());
             std::printf("  barriers, %-32s %-8s", v.name, dynamic ? "dynamic" : "static");
             print_errors(refs);
+        }
+    for (const Variant &v : variants)  // int8 reads the fixed activation: the first matrix alone
+        for (bool dynamic : {false, true}) {
+            if (v.decode != kInt8) continue;
+            run(v, d_mats, 1, false, dynamic);
+            CHECK(cudaDeviceSynchronize());
+            std::printf("  barriers, %-32s %-8s QKV alone, int8 activation:", v.name, dynamic ? "dynamic" : "static");
+            std::printf(" %.2e\n", relative_error(chain[0], refs[0]));
         }
     for (const FlowVariant &v : flows)
         for (bool dynamic : {false, true}) {
