@@ -220,7 +220,7 @@ int32_t sample_token(const float *logits, int32_t vocab, const SamplingParams &p
     // Tokens below the cut weigh nothing: if top-k reaches past the candidates, it keeps them
     // all (and massless others that can never be drawn).
     uint64_t min_key = 0;
-    if (p.top_k > 0 && p.top_k < vocab && static_cast<size_t>(p.top_k) < n) {
+    if (p.top_k > 0 && static_cast<size_t>(p.top_k) < n) {  // (n <= vocab: a top-k past it is off)
         const size_t k = static_cast<size_t>(p.top_k);
         min_key = kth_largest(c.key.data(), n, k, c.ranked);  // keys are unique: exactly k rank at or above it
         size_t kept = 0;  // the top k, still in id order
