@@ -38,19 +38,6 @@ __device__ __forceinline__ const uint2 *unit_scales(const uint2 *scales, int uni
     return scales + (static_cast<size_t>(blockIdx.x) * units + u) * 16 + lane / 4;
 }
 
-// Today's f16 decode of one lane's unit (the runtime's own UnitDecoder: 16 B of 2-bit codes,
-// scale and min of its two rows) into eight m16n8k16 mmas, alternating two accumulators.
-__device__ __forceinline__ void f16_unit_mma(const uint4 &q, const uint2 &sm, const uint2 xs[8], float acc[2][4]) {
-    const pumice::cuda::UnitDecoder<2> dec(q, make_uint2(0, 0), sm);
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        uint32_t a[4];
-        dec.ktile(t, a);
-        const uint32_t b[2] = {xs[t].x, xs[t].y};
-        pumice::cuda::mma_16816(acc[t % 2], a, b);
-    }
-}
-
 // Reduces the warps' accumulators of one tile (rows 0..15 of column 0) and writes them.
 __device__ void finish_tile(float (*red)[16], const float c[4], float *out) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

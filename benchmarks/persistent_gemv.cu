@@ -26,7 +26,12 @@
 //         mask as half(1024 + c) (shift + LOP3 per two weights) and the scale and min come
 //         after: s * sum((1024 + c) x) + (m - 1024 s) * X, with X = the quad's input sum,
 //         computed once per matrix when the activation is staged. Exact activations.
+//   int8  codes as bytes into mma.m16n8k32.s8 (column route) with a prepared int8 activation
+//         image and {d, X, Q} per 32-input run (unit_dot_int8);
 //   none  consumers only hand stages back: the ring's own rate.
+// Consumers form G groups that take the ring's stages in turn (G = 1: every warp works on every
+// stage); the per-item chain of a warp (wait, loads, mmas, reduction) is long, and G groups give
+// it G items' time.
 //
 // Variants leave parts out to see what they cost (enum Skip, Decode: kMmaOnly, kDecodeOnly).
 // Modes:
@@ -73,11 +78,13 @@ enum Decode { kNone = 0, kF16 = 1, kCols = 2, kMmaOnly = 3, kDecodeOnly = 4, kIn
 enum Input { kFixed = 0, kPrevious = 1, kSwiGlu = 2 };
 // Parts left out to see what they cost (the results are then wrong): the scales' copies, the
 // staging of the next activation.
-enum Skip { kSkipScales = 1, kSkipStaging = 2, kGlobalX = 4, kNoFence = 8, kNoWait = 16 };
+enum Skip { kSkipScales = 1, kSkipStaging = 2, kGlobalX = 4, kNoFence = 8, kNoWait = 16, kSharedImage = 32, kRestageImage = 64 };
 // kNoFence: the dataflow kernel publishes without fences (wrong ordering: timing only);
 // kNoWait: its consumers do not wait for their inputs.
 // kGlobalX: consumers read a fixed f16 activation and its run sums straight from global memory
 // (L1/L2) instead of staging them: what an epilogue writing f16 and run sums would allow.
+// kSharedImage (kInt8): the int8 image and its runs copied into shared memory once, read there;
+// kRestageImage: copied again after every matrix (as a producer-written image would be).
 
 struct Matrix {
     const uint4 *codes;   // [tile][unit][lane]
@@ -160,26 +167,29 @@ __device__ __forceinline__ int item_units(const Matrix &m, int c) {
 }
 
 // The ring's two sides. Producer: one thread, every matrix's items in order.
+// Consumer groups take the stages in turn (group g: stages it with it % G == g), so the
+// producer ends a matrix with G end markers, one per group.
 template <int S>
-__device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsigned *work, int skip,
+__device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsigned *work, int skip, int groups,
                               unsigned char *ring, uint64_t *full, uint64_t *empty, int *header) {
     int it = 0;
     for (int mi = 0; mi < n_mats; ++mi) {
         const Matrix &m = mats[mi];
         const int per_tile = items_per_tile(m), n_items = m.tiles * per_tile;
-        for (int j = 0;; ++j, ++it) {
+        int markers = 0;
+        for (int j = 0; markers < groups; ++j, ++it) {
             int item = -1;
-            if (j < kMaxItemsPerSm) {
+            if (j < kMaxItemsPerSm && markers == 0) {
                 item = dynamic ? static_cast<int>(atomicAdd(work + mi, 1u)) : static_cast<int>(blockIdx.x) + j * gridDim.x;
                 if (item >= n_items) item = -1;
             }
             const int st = it % S;
             if (it >= S) mbar_wait(&empty[st], ((it / S) & 1) ^ 1);
             header[st] = item;
-            if (item < 0) {  // the end marker: no bytes, a plain arrival
+            if (item < 0) {  // an end marker: no bytes, a plain arrival
                 asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&full[st])) : "memory");
-                ++it;
-                break;
+                ++markers;
+                continue;
             }
             const int tile = item / per_tile, c = item % per_tile, n = item_units(m, c);
             const int64_t u0 = static_cast<int64_t>(tile) * m.units + c * kChunkUnits;
@@ -201,12 +211,13 @@ __device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsi
     }
 }
 
-// Consumer warp: waits for stage `it`, takes its units (warp, warp + C, ...) into registers and
-// hands the stage back. Returns the stage's item (-1: the end of this SM's share of a matrix).
+// Consumer warp `warp` of a group of C: waits for stage `it`, takes its units (warp, warp + C,
+// ...) into registers and hands the stage back. Returns the stage's item (-1: the end of this
+// SM's share of a matrix).
 template <int C, int S, int UPW>
-__device__ __forceinline__ int take_stage(int it, const unsigned char *ring, uint64_t *full, uint64_t *empty,
+__device__ __forceinline__ int take_stage(int it, int warp, const unsigned char *ring, uint64_t *full, uint64_t *empty,
                                           const int *header, uint4 (&q)[UPW], uint2 (&sm)[UPW]) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int lane = threadIdx.x % 32;
     const int st = it % S;
     mbar_wait(&full[st], (it / S) & 1);
     const int item = header[st];
@@ -249,14 +260,7 @@ __device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const 
         xs[2 * i2 + 1] = make_uint2(v.z, v.w);
     }
     if constexpr (D == kF16) {
-        const pumice::cuda::UnitDecoder<2> dec(q, make_uint2(0, 0), sm);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-            uint32_t a[4];
-            dec.ktile(t, a);
-            const uint32_t b[2] = {xs[t].x, xs[t].y};
-            mma_16816(acc[t % 2], a, b);
-        }
+        f16_unit_mma(q, sm, xs, acc);
     } else if constexpr (D != kNone) {
         float part[2][4] = {};
         uint32_t folded = 0;
@@ -323,67 +327,91 @@ template <int D> __device__ __forceinline__ void row_sums(const float (&acc)[2][
     }
 }
 
-__device__ __forceinline__ void init_ring(int stages, int consumers, uint64_t *full, uint64_t *empty) {
+// The block's set-up, shared by both kernels: the ring's mbarriers (a stage is handed back by
+// the `per_stage` warps that take it), then the last warp's lane 0 becomes the producer.
+// Returns true in the consumer threads. The caller clears its shared state before calling.
+template <int S>
+__device__ bool start_ring(int consumer_warps, int groups, const Matrix *mats, int n_mats, bool dynamic,
+                           unsigned *work, int skip, unsigned char *ring, uint64_t *full, uint64_t *empty,
+                           int *header) {
     if (threadIdx.x == 0) {
-        for (int i = 0; i < stages; ++i) {
+        for (int i = 0; i < S; ++i) {
             asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
-            asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[i])), "r"(consumers));
+            asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[i])), "r"(consumer_warps / groups));
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n");
     }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) / 32 < consumer_warps) return true;
+    if (threadIdx.x % 32 == 0) produce_items<S>(mats, n_mats, dynamic, work, skip, groups, ring, full, empty, header);
+    return false;
 }
 
-// Grid barriers between matrices (chained) or none (independent).
-template <int C, int S, int D>
+// Grid barriers between matrices (chained) or none (independent). The C consumer warps form G
+// groups that take the stages in turn: a warp's chain of waits, loads, mmas and reduction per
+// item is long, and with G groups each has G items' time for it.
+template <int C, int S, int D, int G = 1>
 __global__ void __launch_bounds__((C + 1) * 32, 1)
     persistent_gemv(const Matrix *mats, int n_mats, const __half *fixed, bool chained, bool dynamic,
                     unsigned *arrived, unsigned *work, int skip, const float *fixed_sum,
                     const uint4 *fixed_image, const float4 *fixed_runs) {
-    constexpr int UPW = (kChunkUnits + C - 1) / C;  // units per consumer warp per stage
+    constexpr int CG = C / G;                          // warps per group
+    constexpr int UPW = (kChunkUnits + CG - 1) / CG;  // units per consumer warp per stage
+    static_assert(C % G == 0, "groups of equal size");
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char *ring = smem;
     __half *x = reinterpret_cast<__half *>(smem + S * kStageBytes);
     float *xsum = reinterpret_cast<float *>(x + kMaxK);
     float *red = xsum + kMaxK / 32;  // [kMaxItemsPerSm][16]
     __shared__ __align__(8) uint64_t full[S], empty[S];
-    __shared__ int header[S], taken[kMaxItemsPerSm];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    init_ring(S, C, full, empty);
+    __shared__ int header[S], taken[kMaxItemsPerSm], end_at[G];
     for (int i = threadIdx.x; i < kMaxItemsPerSm * 16; i += blockDim.x) red[i] = 0.f;
-    __syncthreads();
-    if (warp == C) {
-        if (lane == 0) produce_items<S>(mats, n_mats, dynamic, work, skip, ring, full, empty, header);
-        return;
-    }
+    if (!start_ring<S>(C, G, mats, n_mats, dynamic, work, skip, ring, full, empty, header)) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int group = warp / CG, gwarp = warp % CG;
     const LaneRole<D> role;
     const int quad = lane % 4, col = lane / 4;
-    int it = 0;
+    int start = 0;  // ring position of this matrix's first item: the SM's item j is at start + j
     stage_input<C>(mats[0], fixed, x, xsum);
+    const uint4 *image = fixed_image;
+    const float4 *runs = fixed_runs;
+    // The x area holds up to 11 KB of image, then 5.5 KB of runs.
+    uint4 *image_copy = reinterpret_cast<uint4 *>(x);
+    float4 *runs_copy = reinterpret_cast<float4 *>(image_copy + kMaxK / 32 * 2);
+    auto copy_image = [&](int k) {
+        for (int i = threadIdx.x; i < k / 32 * 2; i += C * 32) image_copy[i] = __ldcg(fixed_image + i);
+        for (int i = threadIdx.x; i < k / 32; i += C * 32) runs_copy[i] = __ldcg(fixed_runs + i);
+    };
+    if (D == kInt8 && (skip & kSharedImage)) {
+        copy_image(kMaxK);
+        image = image_copy;
+        runs = runs_copy;
+    }
     consumers_sync<C>();
     for (int mi = 0; mi < n_mats; ++mi) {
         const Matrix &m = mats[mi];
         const int per_tile = items_per_tile(m);
-        int j = 0;
-        for (;; ++j, ++it) {
+        for (int it = start + group;; it += G) {
             uint4 q[UPW];
             uint2 sm[UPW];
-            const int item = take_stage<C, S, UPW>(it, ring, full, empty, header, q, sm);
+            const int item = take_stage<CG, S, UPW>(it, gwarp, ring, full, empty, header, q, sm);
             if (item < 0) {
-                ++it;
+                if (gwarp == 0 && lane == 0) end_at[group] = it;
                 break;
             }
-            if (warp == 0 && lane == 0) taken[j] = item;
+            const int j = it - start;
+            if (gwarp == 0 && lane == 0) taken[j] = item;
             if constexpr (D != kNone) {
                 const int c = item % per_tile, n = item_units(m, c);
                 float acc[2][4] = {};
 #pragma unroll
                 for (int w = 0; w < UPW; ++w) {
-                    const int idx = warp + w * C;
+                    const int idx = gwarp + w * CG;
                     if (idx >= n) break;
                     const int u = c * kChunkUnits + idx;
                     const __half *xr = (skip & kGlobalX ? fixed : x) + u * 128 + quad * 32;
                     const float xq = D >= kCols ? (skip & kGlobalX ? fixed_sum : xsum)[u * 4 + quad] : 0.f;
-                    if constexpr (D == kInt8) unit_dot_int8(q[w], sm[w], fixed_image, fixed_runs, u * 4 + quad, role, acc);
+                    if constexpr (D == kInt8) unit_dot_int8(q[w], sm[w], image, runs, u * 4 + quad, role, acc);
                     else unit_dot<D>(q[w], sm[w], xr, xq, role, acc);
                 }
                 float lo, hi;
@@ -395,8 +423,14 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
             }
         }
         consumers_sync<C>();
+        // The G end markers took G consecutive positions; the first of them counts the items.
+        int first_end = end_at[0];
+#pragma unroll
+        for (int g = 1; g < G; ++g) first_end = min(first_end, end_at[g]);
+        const int n_taken = first_end - start;
+        start = first_end + G;
         // This SM's rows: whole tiles stored, parts of tiles added into the zeroed output.
-        for (int i = threadIdx.x; i < j * 16; i += C * 32) {
+        for (int i = threadIdx.x; i < n_taken * 16; i += C * 32) {
             const int item = taken[i / 16];
             float *o = m.out + static_cast<int64_t>(item / per_tile) * 16 + i % 16;
             if (per_tile == 1) *o = red[i];
@@ -410,6 +444,7 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
         }
         consumers_sync<C>();
         if (!(skip & kSkipStaging)) stage_input<C>(mats[mi + 1], fixed, x, xsum);
+        if (D == kInt8 && (skip & kRestageImage)) copy_image(mats[mi + 1].units * 128);
         consumers_sync<C>();
     }
 }
@@ -481,15 +516,10 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
     __shared__ int header[S];
     __shared__ float red[kSlots][16];
     __shared__ unsigned done[kSlots];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    init_ring(S, C, full, empty);
     for (int i = threadIdx.x; i < kSlots * 16; i += blockDim.x) red[i / 16][i % 16] = 0.f;
     if (threadIdx.x < kSlots) done[threadIdx.x] = 0;
-    __syncthreads();
-    if (warp == C) {
-        if (lane == 0) produce_items<S>(mats, n_mats, dynamic, work, skip, ring, full, empty, header);
-        return;
-    }
+    if (!start_ring<S>(C, 1, mats, n_mats, dynamic, work, skip, ring, full, empty, header)) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const LaneRole<D> role;
     const int quad = lane % 4, col = lane / 4;
     int it = 0;
@@ -500,7 +530,7 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
         for (;; ++it) {
             uint4 q[UPW];
             uint2 sm[UPW];
-            const int item = take_stage<C, S, UPW>(it, ring, full, empty, header, q, sm);
+            const int item = take_stage<C, S, UPW>(it, warp, ring, full, empty, header, q, sm);
             if (item < 0) {
                 ++it;
                 break;
@@ -781,6 +811,35 @@ int main() {
          persistent_gemv<16, 8, kDecodeOnly>},
         {"int8, 16 warps, x from global", 16, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kInt8>},
         {"int8, 8 warps, x from global", 8, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<8, 8, kInt8>},
+        {"cols decode, 2 groups of 8 warps, 8 stages", 16, kCols, 8, 0, persistent_gemv<16, 8, kCols, 2>},
+        {"f16, 2 groups of 8 warps, x from global", 16, kF16, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kF16, 2>},
+        {"cols, 2 groups of 8 warps, x from global", 16, kCols, 8, kSkipStaging | kGlobalX,
+         persistent_gemv<16, 8, kCols, 2>},
+        {"cols, 4 groups of 4 warps, x from global", 16, kCols, 8, kSkipStaging | kGlobalX,
+         persistent_gemv<16, 8, kCols, 4>},
+        {"cols mma only, 2 groups of 8 warps, x global", 16, kMmaOnly, 8, kSkipStaging | kGlobalX,
+         persistent_gemv<16, 8, kMmaOnly, 2>},
+        {"int8, 2 groups of 8 warps, x from global", 16, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kInt8, 2>},
+        {"int8, 4 groups of 4 warps, x from global", 16, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<16, 8, kInt8, 4>},
+        {"int8, 2 groups of 4 warps, x from global", 8, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<8, 8, kInt8, 2>},
+        {"int8, 3 groups of 8 warps, x from global", 24, kInt8, 8, kSkipStaging | kGlobalX, persistent_gemv<24, 8, kInt8, 3>},
+        {"int8, 2 groups of 8 warps, 10 stages", 16, kInt8, 10, kSkipStaging | kGlobalX, persistent_gemv<16, 10, kInt8, 2>},
+        {"int8, 16 warps, image in shared", 16, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<16, 8, kInt8>},
+        {"int8, 2 groups of 8 warps, image in shared", 16, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<16, 8, kInt8, 2>},
+        {"int8, 3 groups of 8 warps, image in shared", 24, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<24, 8, kInt8, 3>},
+        {"int8, 4 groups of 4 warps, image in shared", 16, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<16, 8, kInt8, 4>},
+        {"int8, 4 groups of 6 warps, image in shared", 24, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<24, 8, kInt8, 4>},
+        {"int8, 2 groups of 8 warps, image restaged", 16, kInt8, 8,
+         kSkipStaging | kGlobalX | kSharedImage | kRestageImage, persistent_gemv<16, 8, kInt8, 2>},
+        {"int8, 2 groups of 8 warps, image in shared, 10 stages", 16, kInt8, 10, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<16, 10, kInt8, 2>},
+        {"int8, 2 groups of 12 warps, image in shared", 24, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
+         persistent_gemv<24, 8, kInt8, 2>},
     };
     const FlowVariant flows[] = {
         {"ring only, fence.sc", 8, kNone, 8, 0, dataflow_gemv<8, 8, kNone, true>},
