@@ -65,8 +65,8 @@ using pumice::cuda::kHalf1024x2;
 using pumice::cuda::mma_16816;
 using pumice::cuda::u32_as_half2;
 
-constexpr int kChunkUnits = 32;                        // units per ring stage
-constexpr int kStageBytes = kChunkUnits * (512 + 128);  // codes, then scales
+constexpr int kChunkUnits = 32;  // units per ring stage (work item), unless a kernel says fewer
+__host__ __device__ constexpr int stage_bytes(int chunk) { return chunk * (512 + 128); }  // codes, then scales
 constexpr int kMaxK = 11008;
 constexpr int kMaxItemsPerSm = 48;
 
@@ -157,25 +157,25 @@ __device__ void stage_input(const Matrix &m, const __half *fixed, __half *x, flo
     }
 }
 
-// A work item is up to kChunkUnits units of one row tile (a whole tile when K = 4096), and one
+// A work item is up to CH units of one row tile (a whole tile when K = 4096), and one
 // ring stage. The producer takes items statically (item blockIdx.x + j * gridDim.x) or from the
 // matrix's counter (atomicAdd: SMs whose stream runs faster take more), and tells the consumers
 // which through the stage's header; -1 ends this SM's share of the matrix.
-__device__ __forceinline__ int items_per_tile(const Matrix &m) { return (m.units + kChunkUnits - 1) / kChunkUnits; }
-__device__ __forceinline__ int item_units(const Matrix &m, int c) {
-    return m.units - c * kChunkUnits < kChunkUnits ? m.units - c * kChunkUnits : kChunkUnits;
+template <int CH> __device__ __forceinline__ int items_per_tile(const Matrix &m) { return (m.units + CH - 1) / CH; }
+template <int CH> __device__ __forceinline__ int item_units(const Matrix &m, int c) {
+    return m.units - c * CH < CH ? m.units - c * CH : CH;
 }
 
 // The ring's two sides. Producer: one thread, every matrix's items in order.
 // Consumer groups take the stages in turn (group g: stages it with it % G == g), so the
 // producer ends a matrix with G end markers, one per group.
-template <int S>
+template <int S, int CH>
 __device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsigned *work, int skip, int groups,
                               unsigned char *ring, uint64_t *full, uint64_t *empty, int *header) {
     int it = 0;
     for (int mi = 0; mi < n_mats; ++mi) {
         const Matrix &m = mats[mi];
-        const int per_tile = items_per_tile(m), n_items = m.tiles * per_tile;
+        const int per_tile = items_per_tile<CH>(m), n_items = m.tiles * per_tile;
         int markers = 0;
         for (int j = 0; markers < groups; ++j, ++it) {
             int item = -1;
@@ -191,9 +191,9 @@ __device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsi
                 ++markers;
                 continue;
             }
-            const int tile = item / per_tile, c = item % per_tile, n = item_units(m, c);
-            const int64_t u0 = static_cast<int64_t>(tile) * m.units + c * kChunkUnits;
-            unsigned char *dst = ring + st * kStageBytes;
+            const int tile = item / per_tile, c = item % per_tile, n = item_units<CH>(m, c);
+            const int64_t u0 = static_cast<int64_t>(tile) * m.units + c * CH;
+            unsigned char *dst = ring + st * stage_bytes(CH);
             asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[st])),
                          "r"(skip & kSkipScales ? n * 512 : n * 640) : "memory");
             asm volatile(
@@ -204,7 +204,7 @@ __device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsi
             if (!(skip & kSkipScales))
                 asm volatile(
                     "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                        smem_addr(dst + kChunkUnits * 512)),
+                        smem_addr(dst + CH * 512)),
                     "l"(m.scales + u0 * 16), "r"(n * 128), "r"(smem_addr(&full[st]))
                     : "memory");
         }
@@ -214,20 +214,20 @@ __device__ void produce_items(const Matrix *mats, int n_mats, bool dynamic, unsi
 // Consumer warp `warp` of a group of C: waits for stage `it`, takes its units (warp, warp + C,
 // ...) into registers and hands the stage back. Returns the stage's item (-1: the end of this
 // SM's share of a matrix).
-template <int C, int S, int UPW>
+template <int C, int S, int UPW, int CH>
 __device__ __forceinline__ int take_stage(int it, int warp, const unsigned char *ring, uint64_t *full, uint64_t *empty,
                                           const int *header, uint4 (&q)[UPW], uint2 (&sm)[UPW]) {
     const int lane = threadIdx.x % 32;
     const int st = it % S;
     mbar_wait(&full[st], (it / S) & 1);
     const int item = header[st];
-    const unsigned char *base = ring + st * kStageBytes;
+    const unsigned char *base = ring + st * stage_bytes(CH);
 #pragma unroll
     for (int w = 0; w < UPW; ++w) {
-        const int idx = (warp + w * C) % kChunkUnits;
+        const int idx = (warp + w * C) % CH;
         q[w] = reinterpret_cast<const uint4 *>(base)[idx * 32 + lane];
         // The lane's 32 inputs lie in one group of 64: quads 0-1 the first, 2-3 the second.
-        sm[w] = reinterpret_cast<const uint2 *>(base + kChunkUnits * 512)[idx * 16 + (lane % 4) / 2 * 8 + lane / 4];
+        sm[w] = reinterpret_cast<const uint2 *>(base + CH * 512)[idx * 16 + (lane % 4) / 2 * 8 + lane / 4];
     }
     __syncwarp();
     if (lane == 0) asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(smem_addr(&empty[st])));
@@ -330,7 +330,7 @@ template <int D> __device__ __forceinline__ void row_sums(const float (&acc)[2][
 // The block's set-up, shared by both kernels: the ring's mbarriers (a stage is handed back by
 // the `per_stage` warps that take it), then the last warp's lane 0 becomes the producer.
 // Returns true in the consumer threads. The caller clears its shared state before calling.
-template <int S>
+template <int S, int CH>
 __device__ bool start_ring(int consumer_warps, int groups, const Matrix *mats, int n_mats, bool dynamic,
                            unsigned *work, int skip, unsigned char *ring, uint64_t *full, uint64_t *empty,
                            int *header) {
@@ -343,30 +343,30 @@ __device__ bool start_ring(int consumer_warps, int groups, const Matrix *mats, i
     }
     __syncthreads();
     if (static_cast<int>(threadIdx.x) / 32 < consumer_warps) return true;
-    if (threadIdx.x % 32 == 0) produce_items<S>(mats, n_mats, dynamic, work, skip, groups, ring, full, empty, header);
+    if (threadIdx.x % 32 == 0) produce_items<S, CH>(mats, n_mats, dynamic, work, skip, groups, ring, full, empty, header);
     return false;
 }
 
 // Grid barriers between matrices (chained) or none (independent). The C consumer warps form G
 // groups that take the stages in turn: a warp's chain of waits, loads, mmas and reduction per
 // item is long, and with G groups each has G items' time for it.
-template <int C, int S, int D, int G = 1>
+template <int C, int S, int D, int G = 1, int CH = kChunkUnits>
 __global__ void __launch_bounds__((C + 1) * 32, 1)
     persistent_gemv(const Matrix *mats, int n_mats, const __half *fixed, bool chained, bool dynamic,
                     unsigned *arrived, unsigned *work, int skip, const float *fixed_sum,
                     const uint4 *fixed_image, const float4 *fixed_runs) {
     constexpr int CG = C / G;                          // warps per group
-    constexpr int UPW = (kChunkUnits + CG - 1) / CG;  // units per consumer warp per stage
+    constexpr int UPW = (CH + CG - 1) / CG;  // units per consumer warp per stage
     static_assert(C % G == 0, "groups of equal size");
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char *ring = smem;
-    __half *x = reinterpret_cast<__half *>(smem + S * kStageBytes);
+    __half *x = reinterpret_cast<__half *>(smem + S * stage_bytes(CH));
     float *xsum = reinterpret_cast<float *>(x + kMaxK);
     float *red = xsum + kMaxK / 32;  // [kMaxItemsPerSm][16]
     __shared__ __align__(8) uint64_t full[S], empty[S];
     __shared__ int header[S], taken[kMaxItemsPerSm], end_at[G];
     for (int i = threadIdx.x; i < kMaxItemsPerSm * 16; i += blockDim.x) red[i] = 0.f;
-    if (!start_ring<S>(C, G, mats, n_mats, dynamic, work, skip, ring, full, empty, header)) return;
+    if (!start_ring<S, CH>(C, G, mats, n_mats, dynamic, work, skip, ring, full, empty, header)) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int group = warp / CG, gwarp = warp % CG;
     const LaneRole<D> role;
@@ -390,11 +390,11 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
     consumers_sync<C>();
     for (int mi = 0; mi < n_mats; ++mi) {
         const Matrix &m = mats[mi];
-        const int per_tile = items_per_tile(m);
+        const int per_tile = items_per_tile<CH>(m);
         for (int it = start + group;; it += G) {
             uint4 q[UPW];
             uint2 sm[UPW];
-            const int item = take_stage<CG, S, UPW>(it, gwarp, ring, full, empty, header, q, sm);
+            const int item = take_stage<CG, S, UPW, CH>(it, gwarp, ring, full, empty, header, q, sm);
             if (item < 0) {
                 if (gwarp == 0 && lane == 0) end_at[group] = it;
                 break;
@@ -402,13 +402,13 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
             const int j = it - start;
             if (gwarp == 0 && lane == 0) taken[j] = item;
             if constexpr (D != kNone) {
-                const int c = item % per_tile, n = item_units(m, c);
+                const int c = item % per_tile, n = item_units<CH>(m, c);
                 float acc[2][4] = {};
 #pragma unroll
                 for (int w = 0; w < UPW; ++w) {
                     const int idx = gwarp + w * CG;
                     if (idx >= n) break;
-                    const int u = c * kChunkUnits + idx;
+                    const int u = c * CH + idx;
                     const __half *xr = (skip & kGlobalX ? fixed : x) + u * 128 + quad * 32;
                     const float xq = D >= kCols ? (skip & kGlobalX ? fixed_sum : xsum)[u * 4 + quad] : 0.f;
                     if constexpr (D == kInt8) unit_dot_int8(q[w], sm[w], image, runs, u * 4 + quad, role, acc);
@@ -518,25 +518,25 @@ __global__ void __launch_bounds__((C + 1) * 32, 1)
     __shared__ unsigned done[kSlots];
     for (int i = threadIdx.x; i < kSlots * 16; i += blockDim.x) red[i / 16][i % 16] = 0.f;
     if (threadIdx.x < kSlots) done[threadIdx.x] = 0;
-    if (!start_ring<S>(C, 1, mats, n_mats, dynamic, work, skip, ring, full, empty, header)) return;
+    if (!start_ring<S, kChunkUnits>(C, 1, mats, n_mats, dynamic, work, skip, ring, full, empty, header)) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const LaneRole<D> role;
     const int quad = lane % 4, col = lane / 4;
     int it = 0;
     for (int mi = 0; mi < n_mats; ++mi) {
         const Matrix &m = mats[mi];
-        const int per_tile = items_per_tile(m);
+        const int per_tile = items_per_tile<kChunkUnits>(m);
         uint64_t seen_lo = 0, seen_hi = 0;  // input chunks this warp knows are complete
         for (;; ++it) {
             uint4 q[UPW];
             uint2 sm[UPW];
-            const int item = take_stage<C, S, UPW>(it, warp, ring, full, empty, header, q, sm);
+            const int item = take_stage<C, S, UPW, kChunkUnits>(it, warp, ring, full, empty, header, q, sm);
             if (item < 0) {
                 ++it;
                 break;
             }
             const int slot = it % kSlots;
-            const int tile = item / per_tile, c = item % per_tile, n = item_units(m, c);
+            const int tile = item / per_tile, c = item % per_tile, n = item_units<kChunkUnits>(m, c);
             float acc[2][4] = {};
 #pragma unroll
             for (int w = 0; w < UPW; ++w) {
@@ -631,7 +631,8 @@ struct Variant {
     int consumers, decode, stages, skip;
     void (*kernel)(const Matrix *, int, const __half *, bool, bool, unsigned *, unsigned *, int, const float *,
                    const uint4 *, const float4 *);
-    size_t smem() const { return stages * kStageBytes + kMaxK * 2 + kMaxK / 32 * 4 + kMaxItemsPerSm * 16 * 4; }
+    int chunk = kChunkUnits;  // units per work item
+    size_t smem() const { return stages * stage_bytes(chunk) + kMaxK * 2 + kMaxK / 32 * 4 + kMaxItemsPerSm * 16 * 4; }
 };
 
 struct FlowVariant {
@@ -711,7 +712,7 @@ int main() {
         m.input = shapes[i].input;
         out_off += shapes[i].rows;
         weight_bytes += units * 640;
-        if ((m.tiles * ((m.units + kChunkUnits - 1) / kChunkUnits) + sms - 1) / sms + 1 > kMaxItemsPerSm) {
+        if ((m.tiles * ((m.units + 15) / 16) + sms - 1) / sms + 1 > kMaxItemsPerSm) {  // items of 16 units
             std::printf("too many work items per SM\n");
             return 1;
         }
@@ -840,6 +841,15 @@ int main() {
          persistent_gemv<16, 10, kInt8, 2>},
         {"int8, 2 groups of 12 warps, image in shared", 24, kInt8, 8, kSkipStaging | kGlobalX | kSharedImage,
          persistent_gemv<24, 8, kInt8, 2>},
+        {"int8, 2 groups of 8, image in shared, 16-unit items, 16 stages", 16, kInt8, 16,
+         kSkipStaging | kGlobalX | kSharedImage, persistent_gemv<16, 16, kInt8, 2, 16>, 16},
+        {"int8, 4 groups of 4, image in shared, 16-unit items, 16 stages", 16, kInt8, 16,
+         kSkipStaging | kGlobalX | kSharedImage, persistent_gemv<16, 16, kInt8, 4, 16>, 16},
+        {"int8, 2 groups of 8, image restaged, 16-unit items, 16 stages", 16, kInt8, 16,
+         kSkipStaging | kGlobalX | kSharedImage | kRestageImage, persistent_gemv<16, 16, kInt8, 2, 16>, 16},
+        {"int8, 4 groups of 4, image restaged, 16-unit items, 16 stages", 16, kInt8, 16,
+         kSkipStaging | kGlobalX | kSharedImage | kRestageImage, persistent_gemv<16, 16, kInt8, 4, 16>, 16},
+        {"ring only, 16-unit items, 16 stages, no staging", 8, kNone, 16, kSkipStaging, persistent_gemv<8, 16, kNone, 1, 16>, 16},
     };
     const FlowVariant flows[] = {
         {"ring only, fence.sc", 8, kNone, 8, 0, dataflow_gemv<8, 8, kNone, true>},
@@ -855,7 +865,7 @@ int main() {
     for (const Variant &v : variants)
         CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(v.smem())));
     for (const FlowVariant &v : flows)
-        CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.stages * kStageBytes));
+        CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.stages * stage_bytes(kChunkUnits)));
     auto run = [&](const Variant &v, const Matrix *ms, int n_mats, bool chained, bool dynamic) {
         CHECK(cudaMemsetAsync(outs, 0, out_floats * 4));
         CHECK(cudaMemsetAsync(arrived, 0, 4));
@@ -868,7 +878,7 @@ int main() {
         CHECK(cudaMemsetAsync(outs, 0, out_floats * 4));
         CHECK(cudaMemsetAsync(counts, 0, (all_chunks + all_tiles) * 4));
         CHECK(cudaMemsetAsync(work, 0, shapes.size() * 4));
-        v.kernel<<<sms, (v.consumers + 1) * 32, v.stages * kStageBytes>>>(ms, n_mats, dynamic, work, v.skip);
+        v.kernel<<<sms, (v.consumers + 1) * 32, v.stages * stage_bytes(kChunkUnits)>>>(ms, n_mats, dynamic, work, v.skip);
         CHECK(cudaGetLastError());
     };
 
