@@ -328,7 +328,8 @@ template <int D> __device__ __forceinline__ void row_sums(const float (&acc)[2][
 }
 
 // The block's set-up, shared by both kernels: the ring's mbarriers (a stage is handed back by
-// the `per_stage` warps that take it), then the last warp's lane 0 becomes the producer.
+// the consumer_warps / groups warps of the group that takes it), then the last warp's lane 0
+// becomes the producer.
 // Returns true in the consumer threads. The caller clears its shared state before calling.
 template <int S, int CH>
 __device__ bool start_ring(int consumer_warps, int groups, const Matrix *mats, int n_mats, bool dynamic,
