@@ -187,7 +187,16 @@ STEP_VARIANTS = {
     "gemv_only_no_pdl": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_PDL": "0"},
     "late_reads": {"PUMICE_CUDA_EARLY_READS": "0"},
     "gemv_only_late_reads": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_EARLY_READS": "0"},
+    # The chain of launches where the default is the persistent step (2-bit rtn models).
+    "chained": {"PUMICE_CUDA_PERSISTENT": "0"},
+    "gemv_only_chained": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_PERSISTENT": "0"},
 }
+# What the persistent step's parts cost: GEMVs alone with parts left out (PUMICE_CUDA_PERSISTENT_SKIP
+# bits: 1 the multiplications, 2 the epilogues, 4 the grid barriers, 8 the image staging).
+for _bits, _name in ((1, "math"), (2, "epilogues"), (4, "barriers"), (8, "staging"), (10, "epilogues+staging"),
+                     (11, "all_but_barriers"), (14, "all_but_math"), (15, "all")):
+    STEP_VARIANTS[f"gemv_only_persistent_skip_{_name}"] = {
+        "PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_PERSISTENT": "1", "PUMICE_CUDA_PERSISTENT_SKIP": str(_bits)}
 # One matrix of every layer (and the head) alone: per-shape bandwidth.
 GEMV_PARTS = ("qkv", "o", "gu", "down", "head")
 GEMV_MODES = {"default": {}, "late_reads": {"PUMICE_CUDA_EARLY_READS": "0"}}
@@ -246,7 +255,7 @@ def batch16_variants(model, vocab: int, steps: int) -> dict:
     greedy = [NativeSampling(temperature=0.0)] * 16
     out = {}
     for name, env in STEP_VARIANTS.items():
-        if ":" in name or name.startswith("gemv_only_"):
+        if ":" in name or name.startswith("gemv_only_") or "persistent" in name or name == "chained":
             continue
         with _env(env):
             times = []
@@ -304,6 +313,10 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     step = greedy_decode(s, 3, n_steps)
     sample()
     res["decode"] = {"1": {"step_ms": step * 1e3, "tok_s": 1.0 / step, "context": 32 + 8 + n_steps // 2}}
+    with _env({"PUMICE_CUDA_PERSISTENT": "0"}):
+        greedy_decode(s, 3, 8)
+        step_c = greedy_decode(s, 3, n_steps)
+    res["decode_b1_chained"] = {"step_ms": step_c * 1e3, "tok_s": 1.0 / step_c}
     res["profile_b1"] = kernel_profile(s)
     s.close()
     res["step_variants_ms"] = step_variants(model, c["vocab_size"], 16 if quick else 32)
@@ -505,6 +518,10 @@ def main() -> None:
                 r["gemv_us_per_step"] = us
                 r["gemv_bandwidth_Bps"] = sizes["linear_bytes"] / (us * 1e-6)
                 r["gemv_fraction_of_copy_bw"] = r["gemv_bandwidth_Bps"] / bw
+                dp = r["decode_b1_chained"]
+                dp["step_over_floor"] = dp["step_ms"] / r["decode"]["1"]["floor_ms"]
+                dp["gemv_fraction_of_copy_bw"] = (sizes["linear_bytes"] / (r["step_variants_ms"]["gemv_only_chained"]
+                                                                           * 1e-3)) / bw
                 floor = floor_ms(sizes["linear_bytes"], bw)
                 r["step_variants_over_floor"] = {k: v / floor for k, v in r["step_variants_ms"].items()}
             entry["kinds"][kind] = r
@@ -551,6 +568,14 @@ def print_table(results: dict) -> None:
                       f"{d['4']['tok_s'] / hf['decode']['4']['tok_s']:.1f}x | "
                       f"{d['16']['tok_s'] / hf['decode']['16']['tok_s']:.1f}x | | | | "
                       f"{r['prefill']['tok_s'] / hf['prefill']['tok_s']:.2f}x | | |")
+    print("\nbatch 1 with the chain of launches, PUMICE_CUDA_PERSISTENT=0 (greedy loop; GEMVs alone, % of copy "
+          "bandwidth):")
+    for shape, entry in results["models"].items():
+        for kind, r in entry["kinds"].items():
+            if "error" not in r:
+                dp = r["decode_b1_chained"]
+                print(f"| {shape} | {kind} | {dp['tok_s']:.0f} tok/s | {dp['step_over_floor']:.2f}x floor | "
+                      f"GEMVs {100 * dp['gemv_fraction_of_copy_bw']:.0f}% |")
     print("\nbatch-1 step (ms, no logits copied; x = over the weight-bytes floor) by setting:")
     names = [n for n in STEP_VARIANTS if ":" not in n]
     print("| model | kind | " + " | ".join(names) + " |")
@@ -562,7 +587,8 @@ def print_table(results: dict) -> None:
             v, x = r["step_variants_ms"], r["step_variants_over_floor"]
             print(f"| {shape} | {kind} | " + " | ".join(f"{v[n]:.3f} ({x[n]:.2f}x)" for n in names) + " |")
     print("\nbatch-16 step (ms; greedy sampled on the device) by setting:")
-    b16names = [n for n in STEP_VARIANTS if ":" not in n and not n.startswith("gemv_only_")]
+    b16names = [n for n in STEP_VARIANTS
+                if ":" not in n and not n.startswith("gemv_only_") and "persistent" not in n and n != "chained"]
     print("| model | kind | " + " | ".join(b16names) + " |")
     print("|---|---|" + "---|" * len(b16names))
     for shape, entry in results["models"].items():

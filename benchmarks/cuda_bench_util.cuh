@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "../csrc/cuda/async_copy.cuh"
 #include "../csrc/cuda/decode.cuh"
 
 #define CHECK(x)                                                                              \
@@ -19,17 +20,8 @@
         }                                                                                     \
     } while (0)
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Spins until the mbarrier's phase with this parity has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    uint32_t ok = 0;
-    while (!ok)
-        asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }\n"
-                     : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity));
-}
+using pumice::cuda::mbar_wait;
+using pumice::cuda::smem_addr;
 
 // Thread 0 of a block arrives at a grid-wide barrier of co-resident blocks and waits: arrivals
 // count on one monotonic counter, round r releases at target = (r + 1) * blocks. The caller

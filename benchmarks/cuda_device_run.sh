@@ -56,7 +56,7 @@ export PUMICE_CUDA_LIBRARY=$LIBDIR/libpumice_cuda.so
 if [ "$WHAT" = all ] || [ "$WHAT" = test ]; then
     t0=$(date +%s)
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --timeout 120 \
-        ${CUDA_TESTS:-tests/test_cuda.py tests/test_cuda_bcq.py tests/test_cuda_caldera.py tests/test_native_sampling.py} \
+        ${CUDA_TESTS:-tests/test_cuda.py tests/test_cuda_persistent.py tests/test_cuda_bcq.py tests/test_cuda_caldera.py tests/test_native_sampling.py} \
         2>&1 | tee "$OUT/test_cuda.log" | tail -40
     echo "tests: $(( $(date +%s) - t0 )) s"
 fi

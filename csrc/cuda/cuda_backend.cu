@@ -27,6 +27,7 @@
 #include "cuda_common.cuh"
 #include "device_linear.cuh"
 #include "kernels.cuh"
+#include "persistent_step.cuh"
 #include "sampling.cuh"
 #include "weights.cuh"
 
@@ -68,6 +69,27 @@ int gemv_only_step() {
     if (m == "gemv:head") return PART_HEAD;
     return 0;
 }
+// The batch-1 step as one persistent kernel (persistent_step.cuh) where the model allows it.
+// Its activations are int8, like the CPU backend's default rtn path, so the exact-activation
+// setting (PUMICE_RTN_ACTIVATIONS=f32) keeps the chain of launches too; PUMICE_CUDA_PERSISTENT
+// = 0 / 1 decides outright.
+bool persistent_requested() {
+    const char *v = std::getenv("PUMICE_CUDA_PERSISTENT");
+    if (v && *v) return std::string(v) != "0";
+    const char *a = std::getenv("PUMICE_RTN_ACTIVATIONS");
+    return !(a && std::string(a) == "f32");
+}
+// Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
+// PUMICE_CUDA_PERSISTENT_HEAD=0: the head as its own launch after the kernel (comparisons, tests).
+bool persistent_head() {
+    const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_HEAD");
+    return !(v && std::string(v) == "0");
+}
+int persistent_skip() {
+    const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_SKIP");
+    return v ? std::atoi(v) & 15 : 0;
+}
+
 // PDL and the fused RMSNorm pay at up to 8 columns (latency-bound steps); at 9-16 columns
 // both measured slower (the consumers' re-reading of the norm partials, blocks waiting early).
 constexpr int kMaxColsForLatencyTricks = 8;
@@ -75,7 +97,9 @@ constexpr int kMaxColsForLatencyTricks = 8;
 // The settings a captured step depends on (a graph is kept per column count and settings).
 int step_variant(int n_cols) {
     return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) |
-           (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (gemv_only_step() << 13);
+           (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (persistent_requested() ? 1 << 11 : 0) |
+           (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
+           (persistent_skip() << 19);
 }
 bool graphs_enabled() {
     const char *v = std::getenv("PUMICE_CUDA_GRAPHS");
@@ -164,6 +188,9 @@ private:
     DeviceBuffer stored_bias(const ModelFile &file, const std::vector<std::pair<std::string, FusePart>> &parts,
                              const std::vector<LinearSlot> &slots, int64_t n_tiles);
     void allocate_step_buffers();
+    // Fills persistent_ when every linear layer suits the persistent step; why not otherwise.
+    bool prepare_persistent(std::string *why);
+    void enqueue_persistent_step();
 
     // Decode step over cols_host_[0..n) (already filled): logits to logits_dev_.
     void run_step(int n_cols);
@@ -222,6 +249,11 @@ private:
 
     PrefillWorkspace pw_;
 
+    // The persistent batch-1 step: its arguments and buffers, when the model suits it.
+    bool persistent_ready_ = false;
+    PersistentStep persistent_;
+    DeviceBuffer persistent_layers_, persistent_images_, persistent_runs_, persistent_sumsq_, persistent_barrier_;
+
     // Device sampler's rows and results (grown on first use).
     DeviceBuffer sample_rows_dev_, sample_out_dev_;
     PinnedBuffer sample_rows_host_, sample_out_host_;
@@ -236,7 +268,14 @@ CudaBackend::CudaBackend(const ModelFile &file, const LlamaConfig &config, int d
         for (const TensorEntry &e : file.tensors())
             if (e.kind != "blob")
                 for (const auto &kv : e.parts) weight_bytes_ += static_cast<int64_t>(kv.second.length);
-        if (!cfg_.tensors_only()) allocate_step_buffers();
+        if (!cfg_.tensors_only()) {
+            allocate_step_buffers();
+            std::string why;
+            persistent_ready_ = prepare_persistent(&why);
+            if (verbose())
+                std::fprintf(stderr, "pumice cuda: persistent batch-1 step: %s\n",
+                             persistent_ready_ ? (persistent_requested() ? "on" : "off (by setting)") : why.c_str());
+        }
         std::string why;
         cublas_.reset(Cublas::open(stream_, &why));
         if (verbose())
@@ -562,6 +601,11 @@ void CudaBackend::step_linear(const LinearGroup &g, const __half *x, int64_t ldx
 }
 
 void CudaBackend::enqueue_step(int n) {
+    const int part = gemv_only_step();  // the per-matrix timings keep the chain of launches
+    if (n == 1 && persistent_ready_ && persistent_requested() && (part == 0 || part == PART_ALL)) {
+        enqueue_persistent_step();
+        return;
+    }
     const LlamaConfig &c = cfg_;
     const StepColumn *cols = cols_dev_.as<StepColumn>();
     float *resid = resid_.as<float>();
@@ -640,6 +684,137 @@ void CudaBackend::enqueue_step(int n) {
     head.ldo = c.vocab_size;
     consume_norm(head, layers_.back().down);
     if (keep(PART_HEAD)) step_linear(lm_head_, xn, hs_, n, head, 1);
+}
+
+bool CudaBackend::prepare_persistent(std::string *why) {
+    const LlamaConfig &c = cfg_;
+    if (c.num_layers == 0) return *why = "no layers", false;
+    if (c.attention_bias || c.mlp_bias) return *why = "biases are not supported", false;
+    if (ceil_div(ceil_div(c.hidden_size, 16), num_sms_) > kPersistentOwnedTiles)
+        return *why = "the hidden size is too large for this GPU's SM count", false;
+    int group_size = 0;
+    // A fused group as one persistent matrix: 2-bit rtn, 32-input runs inside one group, scales
+    // per unit contiguous, the whole stored weight (row blocks of `tiles_per_block` tiles).
+    auto matrix = [&](const LinearGroup &g, int tiles_per_block, int64_t k, PersistentMatrix *m,
+                      int64_t first_tile = 0, int64_t max_row_blocks = 0) {
+        if (!g.is_fused()) return false;
+        const LinearSlot &slot = g.fused;
+        const WeightView &w = slot.weight->view;
+        if (w.bits != 2 || slot.tile_base != 0 || slot.tile_stride != 1 || slot.n_tiles != slot.weight->n_tiles)
+            return false;
+        if (w.group_size != 32 && w.group_size != 64 && w.group_size != 128) return false;
+        if (group_size != 0 && w.group_size != group_size) return false;
+        group_size = w.group_size;
+        if (w.kp != k || w.groups * w.group_size != w.units * 128 || g.n_tiles % tiles_per_block != 0) return false;
+        m->codes = w.codes;
+        m->scales = reinterpret_cast<const unsigned char *>(w.scale_min);
+        m->row_blocks = static_cast<int>(g.n_tiles / tiles_per_block);
+        if (max_row_blocks > 0) {  // head parts: rows [first_tile, first_tile + max_row_blocks)
+            m->row_blocks = static_cast<int>(std::min<int64_t>(max_row_blocks, g.n_tiles - first_tile));
+            m->codes += first_tile * w.units * 32;
+            m->scales += first_tile * w.units * (8192 / w.group_size);
+        }
+        m->tiles_per_block = tiles_per_block;
+        m->units = static_cast<int>(w.units);
+        m->scale_bytes_per_unit = 8192 / w.group_size;
+        const int64_t chunks = ceil_div(tiles_per_block * w.units, kPersistentChunkUnits);
+        return ceil_div(m->row_blocks, num_sms_) * chunks <= kPersistentItemsPerMatrix;
+    };
+    std::vector<PersistentLayer> host(layers_.size());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+        const Layer &L = layers_[l];
+        PersistentLayer &P = host[l];
+        if (!matrix(L.qkv, 1, hs_, &P.qkv) || !matrix(L.o, 1, qs_, &P.o) || !matrix(L.gate_up, 2, hs_, &P.gate_up) ||
+            !matrix(L.down, 1, is_, &P.down))
+            return *why = "layer " + std::to_string(l) + " is not 2-bit rtn with groups of 32-128 throughout", false;
+        P.attn_norm = L.attn_norm.as<float>();
+        P.mlp_norm = L.mlp_norm.as<float>();
+    }
+    PersistentStep &p = persistent_;
+    p.n_layers = c.num_layers;
+    p.hidden = static_cast<int>(c.hidden_size);
+    p.q_rows = q_rows_;
+    p.kv_rows = kv_rows_;
+    p.inter = static_cast<int>(c.intermediate_size);
+    p.n_heads = c.num_heads;
+    p.n_kv_heads = c.num_kv_heads;
+    p.head_dim = c.head_dim;
+    p.eps = c.rms_norm_eps;
+    p.image_bytes = static_cast<int>(std::max(hs_, std::max(qs_, is_)));
+    p.stage_bytes = kPersistentChunkUnits * (512 + 8192 / group_size);
+    int optin = 0;
+    PUMICE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
+    p.stages = 8;  // fewer where shared memory is short (the kernel's own ~2 KB aside)
+    while (p.stages > 3 && persistent_smem_bytes(p) + 2048 > static_cast<size_t>(optin)) --p.stages;
+    if (!persistent_step_supported(device_, p, num_sms_, why)) return false;
+
+    persistent_layers_.allocate(sizeof(PersistentLayer) * host.size(), "persistent step");
+    PUMICE_CUDA_CHECK(cudaMemcpyAsync(persistent_layers_.get(), host.data(), sizeof(PersistentLayer) * host.size(),
+                                      cudaMemcpyHostToDevice, stream_));
+    // Three images (normed residual, attention output, SwiGLU output), zero where padded.
+    persistent_images_.allocate(static_cast<size_t>(hs_ + qs_ + is_), "persistent step");
+    persistent_runs_.allocate(sizeof(float4) * static_cast<size_t>(hs_ + qs_ + is_) / 16, "persistent step");
+    persistent_sumsq_.allocate(sizeof(float) * ceil_div(hs_, 16), "persistent step");
+    persistent_barrier_.allocate(sizeof(unsigned), "persistent step");
+    for (DeviceBuffer *b : {&persistent_images_, &persistent_runs_, &persistent_sumsq_}) b->zero(stream_);
+    PUMICE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    p.layers = persistent_layers_.as<PersistentLayer>();
+    p.cols = cols_dev_.as<StepColumn>();
+    p.final_norm = final_norm_.as<float>();
+    p.inv_freq = inv_freq_.as<float>();
+    p.embed = embed_.weight->view;
+    p.logits = logits_dev_.as<float>();
+    p.vocab = c.vocab_size;
+    // The head in parts of at most the items per SM that shared memory holds.
+    const int64_t per_part = static_cast<int64_t>(kPersistentItemsPerMatrix) * num_sms_;
+    p.n_head_parts = static_cast<int>(ceil_div(lm_head_.n_tiles, per_part));
+    for (int i = 0; i < p.n_head_parts; ++i) {
+        p.head_tile0[i] = static_cast<int>(i * per_part);
+        if (i >= kPersistentHeadParts || !matrix(lm_head_, 1, hs_, &p.head[i], i * per_part, per_part)) {
+            p.n_head_parts = 0;
+            break;
+        }
+    }
+    p.q = q_.as<__half>();
+    unsigned char *img = persistent_images_.as<unsigned char>();
+    float4 *runs = persistent_runs_.as<float4>();
+    p.img_x = reinterpret_cast<uint4 *>(img);
+    p.img_att = reinterpret_cast<uint4 *>(img + hs_);
+    p.img_act = reinterpret_cast<uint4 *>(img + hs_ + qs_);
+    p.runs_x = runs;
+    p.runs_att = runs + hs_ / 16;
+    p.runs_act = runs + (hs_ + qs_) / 16;
+    p.sumsq = persistent_sumsq_.as<float>();
+    p.part_o = part_o_.as<float>();
+    p.part_ml = part_ml_.as<float2>();
+    p.att_counters = att_counters_.as<int>();
+    p.xn = xn_.as<__half>();
+    p.norm_partials = norm_partials_.as<float>();
+    p.barrier = persistent_barrier_.as<unsigned>();
+    return true;
+}
+
+// The persistent kernel (embedding to logits); a head that is not 2-bit rtn follows as in the
+// chained step (its fused RMSNorm reads what the last down epilogue wrote).
+void CudaBackend::enqueue_persistent_step() {
+    const LlamaConfig &c = cfg_;
+    PUMICE_CUDA_CHECK(cudaMemsetAsync(persistent_barrier_.get(), 0, sizeof(unsigned), stream_));
+    PersistentStep p = persistent_;
+    p.skip_attention = gemv_only_step() != 0;
+    p.skip = persistent_skip();
+    if (!persistent_head()) p.n_head_parts = 0;
+    launch_persistent_step(p, num_sms_, stream_);
+    if (p.n_head_parts > 0) return;
+    Epilogue head;
+    head.mode = EPI_F32;
+    head.out_f32 = logits_dev_.as<float>();
+    head.ldo = c.vocab_size;
+    head.norm_partials = norm_partials_.as<float>();
+    head.n_norm_partials = static_cast<int>(layers_.back().down.n_tiles);
+    head.norm_ld = ceil_div(hs_, 16);
+    head.norm_hidden = c.hidden_size;
+    head.norm_eps = c.rms_norm_eps;
+    step_linear(lm_head_, xn_.as<__half>(), hs_, 1, head, 1);
 }
 
 void CudaBackend::run_step(int n) {
