@@ -190,6 +190,8 @@ STEP_VARIANTS = {
     # The chain of launches where the default is the persistent step (2-bit rtn models).
     "chained": {"PUMICE_CUDA_PERSISTENT": "0"},
     "gemv_only_chained": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_PERSISTENT": "0"},
+    # Batch 9-16: blocks of two tiles instead of four (the activations shared by fewer rows).
+    "no_wide_tiles": {"PUMICE_CUDA_WIDE_TILES": "0"},
 }
 # What the persistent step's parts cost: GEMVs alone with parts left out (PUMICE_CUDA_PERSISTENT_SKIP
 # bits: 1 the multiplications, 2 the epilogues, 4 the grid barriers, 8 the image staging).

@@ -99,7 +99,7 @@ int step_variant(int n_cols) {
     return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) |
            (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (persistent_requested() ? 1 << 11 : 0) |
            (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
-           (persistent_skip() << 19);
+           (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0);
 }
 bool graphs_enabled() {
     const char *v = std::getenv("PUMICE_CUDA_GRAPHS");

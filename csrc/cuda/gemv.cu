@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     }
 
     // Several accumulators per output fragment: consecutive mmas do not wait on each other.
-    constexpr int NACC = R * NT == 1 ? 4 : 2;
+    constexpr int NACC = R * NT == 1 ? 4 : R >= 4 ? 1 : 2;
     float acc[NACC][R][NT][4];
 #pragma unroll
     for (int c = 0; c < NACC; ++c)
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     const int64_t units = w.units;
     // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
     // before the first is used, so small matrices (a few units per warp) are not latency-bound.
-    constexpr int U = NT == 1 ? 4 : 2;
+    constexpr int U = NT == 1 ? 4 : R >= 4 ? 1 : 2;
     bool waited = false;
     for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
         uint4 q[U][R];
@@ -439,11 +439,23 @@ void launch_gemv_bits_r(const GemvCall &c, cudaStream_t stream) {
 
 template <int BITS>
 void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
-    if (c.tiles_per_block == 2) launch_gemv_bits_r<BITS, 2>(c, stream);
-    else launch_gemv_bits_r<BITS, 1>(c, stream);
+    if (c.tiles_per_block == 4) {  // 9-16 columns only (launch_gemv)
+        const dim3 grid(static_cast<unsigned>(c.n_tiles / 4));
+        launch_kernel(gemv_kernel<BITS, 4, 2, warps_for<4>()>, grid, warps_for<4>() * 32, 0, stream, c);
+        PUMICE_CUDA_CHECK_LAUNCH("gemv");
+    } else if (c.tiles_per_block == 2) {
+        launch_gemv_bits_r<BITS, 2>(c, stream);
+    } else {
+        launch_gemv_bits_r<BITS, 1>(c, stream);
+    }
 }
 
 }  // namespace
+
+bool wide_tiles_enabled() {
+    const char *v = std::getenv("PUMICE_CUDA_WIDE_TILES");
+    return !(v && std::string(v) == "0");
+}
 
 bool early_epilogue_reads_enabled() {
     const char *v = std::getenv("PUMICE_CUDA_EARLY_READS");
@@ -459,6 +471,11 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (c.epi.mode != EPI_SWIGLU)
         c.tiles_per_block =
             (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms && !c.epi.norm_partials_out) ? 2 : 1;
+    // At 9-16 columns each unit's activations are 16x its weight bytes through L1/L2: four tiles
+    // per block share them (PUMICE_CUDA_WIDE_TILES=0: the choice above).
+    if (c.epi.mode != EPI_SWIGLU && c.batch > 8 && c.n_tiles % 4 == 0 && c.n_tiles / 4 >= num_sms &&
+        !c.epi.norm_partials_out && wide_tiles_enabled())
+        c.tiles_per_block = 4;
     switch (c.w.bits) {
         case 2: launch_gemv_bits<2>(c, stream); break;
         case 3: launch_gemv_bits<3>(c, stream); break;

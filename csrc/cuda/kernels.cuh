@@ -65,7 +65,7 @@ struct GemvCall {
     const __half *x = nullptr;   // [batch][ldx] f16, zero beyond in_features
     int64_t ldx = 0;
     int batch = 1;               // 1..16
-    int tiles_per_block = 1;     // 1 or 2 (SWIGLU: 2)
+    int tiles_per_block = 1;     // 1, 2 (SWIGLU: 2) or 4 (9-16 columns)
     bool early_reads = true;     // the epilogue's global reads overlap the first pass (launch_gemv)
     Epilogue epi;
 };
@@ -75,6 +75,8 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream);
 // PUMICE_CUDA_EARLY_READS=0 leaves the epilogue's reads at its end (comparisons; a captured step
 // keys on it).
 bool early_epilogue_reads_enabled();
+// PUMICE_CUDA_WIDE_TILES=0: no four-tile blocks at 9-16 columns (comparisons; keyed like the above).
+bool wide_tiles_enabled();
 
 // Prefill: the epilogue of GemvCall applied to a [n_cols][ld_in] f32 result of a GEMM over all
 // stored tiles (logical == stored order).
