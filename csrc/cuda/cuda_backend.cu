@@ -692,6 +692,7 @@ bool CudaBackend::prepare_persistent(std::string *why) {
     if (c.attention_bias || c.mlp_bias) return *why = "biases are not supported", false;
     if (ceil_div(ceil_div(c.hidden_size, 16), num_sms_) > kPersistentOwnedTiles)
         return *why = "the hidden size is too large for this GPU's SM count", false;
+    if (c.num_heads > num_sms_) return *why = "more attention heads than SMs (one block per head)", false;
     int group_size = 0;
     // A fused group as one persistent matrix: 2-bit rtn, 32-input runs inside one group, scales
     // per unit contiguous, the whole stored weight (row blocks of `tiles_per_block` tiles).
