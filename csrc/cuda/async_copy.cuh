@@ -1,5 +1,6 @@
-// async_copy.cuh — shared-memory addresses, mbarrier waits and bulk copies into shared memory
-// (sm_90 device code: persistent_step.cu and the standalone benchmarks).
+// async_copy.cuh — asynchronous copies into shared memory: cp.async (sm_80, gemv.cu and
+// persistent_step.cu), and mbarrier waits with bulk copies (sm_90: persistent_step.cu and the
+// standalone benchmarks).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -10,6 +11,14 @@ namespace cuda {
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four bytes from global src to shared dst; wait_async_copies() waits for all of this thread's.
+__device__ __forceinline__ void copy_async_4(float *dst, const float *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void wait_async_copies() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
 // Spins until the mbarrier's phase with this parity has completed.

@@ -79,12 +79,12 @@ bool persistent_requested() {
     const char *a = std::getenv("PUMICE_RTN_ACTIVATIONS");
     return !(a && std::string(a) == "f32");
 }
-// Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
 // PUMICE_CUDA_PERSISTENT_HEAD=0: the head as its own launch after the kernel (comparisons, tests).
 bool persistent_head() {
     const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_HEAD");
     return !(v && std::string(v) == "0");
 }
+// Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
 int persistent_skip() {
     const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_SKIP");
     return v ? std::atoi(v) & 15 : 0;
@@ -707,17 +707,17 @@ bool CudaBackend::prepare_persistent(std::string *why) {
         if (group_size != 0 && w.group_size != group_size) return false;
         group_size = w.group_size;
         if (w.kp != k || w.groups * w.group_size != w.units * 128 || g.n_tiles % tiles_per_block != 0) return false;
+        m->tiles_per_block = tiles_per_block;
+        m->units = static_cast<int>(w.units);
+        m->scale_bytes_per_unit = 8192 / w.group_size;
         m->codes = w.codes;
         m->scales = reinterpret_cast<const unsigned char *>(w.scale_min);
         m->row_blocks = static_cast<int>(g.n_tiles / tiles_per_block);
         if (max_row_blocks > 0) {  // head parts: rows [first_tile, first_tile + max_row_blocks)
             m->row_blocks = static_cast<int>(std::min<int64_t>(max_row_blocks, g.n_tiles - first_tile));
             m->codes += first_tile * w.units * 32;
-            m->scales += first_tile * w.units * (8192 / w.group_size);
+            m->scales += first_tile * w.units * m->scale_bytes_per_unit;
         }
-        m->tiles_per_block = tiles_per_block;
-        m->units = static_cast<int>(w.units);
-        m->scale_bytes_per_unit = 8192 / w.group_size;
         const int64_t chunks = ceil_div(tiles_per_block * w.units, kPersistentChunkUnits);
         return ceil_div(m->row_blocks, num_sms_) * chunks <= kPersistentItemsPerMatrix;
     };
@@ -727,7 +727,9 @@ bool CudaBackend::prepare_persistent(std::string *why) {
         PersistentLayer &P = host[l];
         if (!matrix(L.qkv, 1, hs_, &P.qkv) || !matrix(L.o, 1, qs_, &P.o) || !matrix(L.gate_up, 2, hs_, &P.gate_up) ||
             !matrix(L.down, 1, is_, &P.down))
-            return *why = "layer " + std::to_string(l) + " is not 2-bit rtn with groups of 32-128 throughout", false;
+            return *why = "layer " + std::to_string(l) +
+                          " does not suit it (2-bit rtn, groups of 32-128, at most 24 work items per SM)",
+                   false;
         P.attn_norm = L.attn_norm.as<float>();
         P.mlp_norm = L.mlp_norm.as<float>();
     }

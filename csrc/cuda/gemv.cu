@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "async_copy.cuh"
 #include "cuda_common.cuh"
 #include "decode.cuh"
 #include "kernels.cuh"
@@ -56,16 +57,10 @@ __device__ void norm_scales(const Epilogue &e, int c0, int n_cols, float *scale)
 }
 
 // The epilogue's global reads, issued by the GEMV long before its epilogue runs, as
-// asynchronous copies into shared memory (cp.async: no registers held across the main loop,
-// where the GEMV has none to spare). The residual add's rows come from the previous kernel, so
-// they are requested right after pdl_wait; the next norm's weights never change and go first.
-__device__ __forceinline__ void copy_async_4(float *dst, const float *src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-                 "l"(src) : "memory");
-}
-__device__ __forceinline__ void wait_async_copies() {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
+// asynchronous copies into shared memory (cp.async, async_copy.cuh: no registers held across
+// the main loop, where the GEMV has none to spare). The residual add's rows come from the
+// previous kernel, so they are requested right after pdl_wait; the next norm's weights never
+// change and go first.
 
 // What thread (i, col) of the epilogue reads for rows i and i+8 of each tile, staged.
 template <int R> struct ResidualReads {

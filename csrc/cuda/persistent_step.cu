@@ -218,13 +218,6 @@ __device__ void norm_scale(const PersistentStep &p, SmState &st) {
     if (lane == 0) st.scale = rsqrtf(s / static_cast<float>(p.hidden) + p.eps);
 }
 
-__device__ __forceinline__ void copy_async_4(float *dst, const float *src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void wait_async_copies() {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
-
 // A residual tile's epilogue (O and down, and the prologue with v = 0), for the SM's own tile
 // `owned` (its index among them): resid += v, the next norm's input image (st.gain holds that
 // norm's weights of the SM's rows), the tile's sum of squares; for the last layer also the
@@ -252,10 +245,6 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
     }
 }
 
-// One matrix: this SM's items through the ring (group g takes ring positions = g mod 2), the
-// partial sums of each item's warps into red[item][warp][row], then per row block (one warp
-// each) their fixed-order sum into epi(row_block, v) with lane l holding row l of the block.
-// gain (O and down): the next norm's weights, copied for the epilogue while the items run.
 // One matrix: this SM's items through the ring (group g takes ring positions = g mod 2), the
 // partial sums of each item's warps into red[item][warp][row], then per row block (one warp
 // each) their fixed-order sum into epi(row_block, owned index, v) with lane l holding row l of
