@@ -39,20 +39,11 @@ constexpr int kMaxStepCols = 16;
 constexpr int kMaxPrefillChunk = 2048;
 constexpr int kMaxSplits = 64;
 
-bool verbose() {
-    const char *v = std::getenv("PUMICE_VERBOSE");
-    return v && *v && std::string(v) != "0";
-}
+bool verbose() { return env_on("PUMICE_VERBOSE"); }
 // Tests: run every group's tensors one by one (the path of bcq and caldera groups) for all kinds.
-bool unfused_forced() {
-    const char *v = std::getenv("PUMICE_CUDA_UNFUSED");
-    return v && *v && std::string(v) != "0";
-}
+bool unfused_forced() { return env_on("PUMICE_CUDA_UNFUSED"); }
 // RMSNorm folded into the residual-producing epilogues and the consuming GEMVs (kernels.cuh).
-bool fused_norm_enabled() {
-    const char *v = std::getenv("PUMICE_CUDA_FUSED_NORM");
-    return !(v && std::string(v) == "0");
-}
+bool fused_norm_enabled() { return !env_is("PUMICE_CUDA_FUSED_NORM", "0"); }
 // Benchmarks: PUMICE_CUDA_STEP=gemv leaves only the linear layers in a decode step (wrong
 // results, but the time of "the GEMVs alone" in their real launch sequence); gemv:qkv, gemv:o,
 // gemv:gu, gemv:down or gemv:head keeps only those (per-shape bandwidth). 0 = a normal step.
@@ -75,15 +66,11 @@ int gemv_only_step() {
 // = 0 / 1 decides outright.
 bool persistent_requested() {
     const char *v = std::getenv("PUMICE_CUDA_PERSISTENT");
-    if (v && *v) return std::string(v) != "0";
-    const char *a = std::getenv("PUMICE_RTN_ACTIVATIONS");
-    return !(a && std::string(a) == "f32");
+    if (v && *v) return env_on("PUMICE_CUDA_PERSISTENT");
+    return !env_is("PUMICE_RTN_ACTIVATIONS", "f32");
 }
 // PUMICE_CUDA_PERSISTENT_HEAD=0: the head as its own launch after the kernel (comparisons, tests).
-bool persistent_head() {
-    const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_HEAD");
-    return !(v && std::string(v) == "0");
-}
+bool persistent_head() { return !env_is("PUMICE_CUDA_PERSISTENT_HEAD", "0"); }
 // Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
 int persistent_skip() {
     const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_SKIP");
@@ -101,10 +88,7 @@ int step_variant(int n_cols) {
            (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
            (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0);
 }
-bool graphs_enabled() {
-    const char *v = std::getenv("PUMICE_CUDA_GRAPHS");
-    return !(v && std::string(v) == "0");
-}
+bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }
 
 // Makes the backend's device current for the calling thread (sessions may move threads).
 class DeviceScope {

@@ -40,8 +40,17 @@ bool pdl_enabled() {
         capable = major >= 9;
         cached_device = device;
     }
-    const char *env = std::getenv("PUMICE_PDL");
-    return capable && !pdl_off_here && !(env && std::string(env) == "0");
+    return capable && !pdl_off_here && !env_is("PUMICE_PDL", "0");
+}
+
+bool env_is(const char *name, const char *value) {
+    const char *v = std::getenv(name);
+    return v && std::string(v) == value;
+}
+
+bool env_on(const char *name) {
+    const char *v = std::getenv(name);
+    return v && *v && std::string(v) != "0";
 }
 
 void DeviceBuffer::allocate(size_t bytes, const char *what) {

@@ -93,6 +93,13 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 
 // Whether launches on the current device carry the programmatic-serialization attribute.
 bool pdl_enabled();
+
+// The backend's switches: env_is(name, value) when the variable is set to exactly value;
+// env_on(name) when it is set, non-empty and not "0".
+bool env_is(const char *name, const char *value);
+bool env_on(const char *name);
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 // Turns PDL off for this thread's launches while it lives (the decode step at 9-16 columns,
 // where it measured slower: its kernels are throughput-, not latency-bound).
 class PdlOff {

@@ -25,14 +25,6 @@ namespace {
 // holds two tiles (its registers would otherwise allow a single block per SM).
 template <int R> __host__ __device__ constexpr int warps_for() { return R == 1 ? 8 : 4; }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
-
-// Fused RMSNorm: the producer stores half(resid * g / 16), unnormalised. The residual stream
-// of large models holds "massive activations" in the thousands; times a norm weight that could
-// pass half's 65504, and 1/16 (exact) moves that limit to 10^6. Values below 10^-3 become
-// subnormal, harmless for the dot product unless the whole vector is that small (layer 0's
-// input, the one norm that is not fused). The consumer's scale undoes the 1/16.
-constexpr float kNormPrescale = 0.0625f;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -447,15 +439,9 @@ void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
 
 }  // namespace
 
-bool wide_tiles_enabled() {
-    const char *v = std::getenv("PUMICE_CUDA_WIDE_TILES");
-    return !(v && std::string(v) == "0");
-}
+bool wide_tiles_enabled() { return !env_is("PUMICE_CUDA_WIDE_TILES", "0"); }
 
-bool early_epilogue_reads_enabled() {
-    const char *v = std::getenv("PUMICE_CUDA_EARLY_READS");
-    return !(v && std::string(v) == "0");
-}
+bool early_epilogue_reads_enabled() { return !env_is("PUMICE_CUDA_EARLY_READS", "0"); }
 
 void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (call.batch < 1 || call.batch > 16) throw Error(PUMICE_ERR_INTERNAL, "gemv batch out of range");

@@ -29,6 +29,13 @@ enum EpilogueMode : int {
                         // row i of logical tile l (a tensor run on its own inside its group)
 };
 
+// Fused RMSNorm: the producer stores half(resid * g / 16), unnormalised. The residual stream
+// of large models holds "massive activations" in the thousands; times a norm weight that could
+// pass half's 65504, and 1/16 (exact) moves that limit to 10^6. Values below 10^-3 become
+// subnormal, harmless for the dot product unless the whole vector is that small (layer 0's
+// input, the one norm that is not fused). The consumer's scale undoes the 1/16.
+constexpr float kNormPrescale = 0.0625f;
+
 struct Epilogue {
     int mode = EPI_F32;
     int64_t n_rows = 0;          // valid logical rows (SWIGLU: outputs)

@@ -194,8 +194,6 @@ __device__ void write_image(const float (&x)[E], bool write, int half, int sub, 
     }
 }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
-
 // The shared-memory copy of an image (halves = inputs / 16), read from L2.
 __device__ void stage_image(const PersistentStep &p, const uint4 *img, const float4 *runs, int halves, uint4 *img_s,
                             float4 *runs_s) {
@@ -216,6 +214,16 @@ __device__ void norm_scale(const PersistentStep &p, SmState &st) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
     if (lane == 0) st.scale = rsqrtf(s / static_cast<float>(p.hidden) + p.eps);
+}
+
+// After a barrier: m's input image into shared memory and, for a normed input (QKV, gate/up,
+// the head), the RMSNorm scale its dot products take (1 otherwise).
+__device__ float stage_input(const PersistentStep &p, SmState &st, const uint4 *img, const float4 *runs,
+                             const PersistentMatrix &m, bool normed, uint4 *img_s, float4 *runs_s) {
+    stage_image(p, img, runs, m.units * 8, img_s, runs_s);
+    if (normed) norm_scale(p, st);
+    consumers_sync();
+    return normed ? st.scale : 1.f;
 }
 
 // A residual tile's epilogue (O and down, and the prologue with v = 0), for the SM's own tile
@@ -240,7 +248,7 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
     for (int o = 8; o > 0; o >>= 1) ss += __shfl_xor_sync(~0u, ss, o);
     if (lane == 0) p.sumsq[tile] = ss;
     if (for_head) {
-        if (valid) p.xn[row] = __float2half(r * gain * 0.0625f);  // the head's prescale (gemv.cu)
+        if (valid) p.xn[row] = __float2half(r * gain * kNormPrescale);
         if (lane == 0) p.norm_partials[tile] = ss;
     }
 }
@@ -557,10 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
 
     for (int l = 0; l < p.n_layers; ++l) {
         const PersistentLayer &L = p.layers[l];
-        stage_image(p, p.img_x, p.runs_x, L.qkv.units * 8, img_s, runs_s);
-        norm_scale(p, st);
-        consumers_sync();
-        const float s_qkv = st.scale;
+        const float s_qkv = stage_input(p, st, p.img_x, p.runs_x, L.qkv, true, img_s, runs_s);
         run_matrix(p, L.qkv, it, ring, full, empty, img_s, runs_s, red, st, nullptr,
                    [&](int tile, int, float v) { qkv_tile(p, st, l, tile, v * s_qkv); });
         grid_barrier(p, target);
@@ -569,16 +574,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
             grid_barrier(p, target);
         }
 
-        stage_image(p, p.img_att, p.runs_att, L.o.units * 8, img_s, runs_s);
-        consumers_sync();
+        stage_input(p, st, p.img_att, p.runs_att, L.o, false, img_s, runs_s);
         run_matrix(p, L.o, it, ring, full, empty, img_s, runs_s, red, st, L.mlp_norm,
                    [&](int, int b, float v) { residual_tile(p, st, b, v, false); });
         grid_barrier(p, target);
 
-        stage_image(p, p.img_x, p.runs_x, L.gate_up.units * 8, img_s, runs_s);
-        norm_scale(p, st);
-        consumers_sync();
-        const float s_gu = st.scale;
+        const float s_gu = stage_input(p, st, p.img_x, p.runs_x, L.gate_up, true, img_s, runs_s);
         run_matrix(p, L.gate_up, it, ring, full, empty, img_s, runs_s, red, st, nullptr, [&](int pair, int, float v) {
             const int lane = threadIdx.x % 32, row = pair * 16 + lane;
             const float up = __shfl_down_sync(~0u, v, 16);
@@ -587,8 +588,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
         });
         grid_barrier(p, target);
 
-        stage_image(p, p.img_act, p.runs_act, L.down.units * 8, img_s, runs_s);
-        consumers_sync();
+        stage_input(p, st, p.img_act, p.runs_act, L.down, false, img_s, runs_s);
         const bool last = l + 1 == p.n_layers, head_after = last && p.n_head_parts == 0;
         run_matrix(p, L.down, it, ring, full, empty, img_s, runs_s, red, st,
                    last ? p.final_norm : p.layers[l + 1].attn_norm,
@@ -596,10 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
         if (!head_after) grid_barrier(p, target);
     }
     if (p.n_head_parts > 0) {
-        stage_image(p, p.img_x, p.runs_x, p.head[0].units * 8, img_s, runs_s);
-        norm_scale(p, st);
-        consumers_sync();
-        const float s_head = st.scale;
+        const float s_head = stage_input(p, st, p.img_x, p.runs_x, p.head[0], true, img_s, runs_s);
         for (int part = 0; part < p.n_head_parts; ++part) {
             const int tile0 = p.head_tile0[part];
             run_matrix(p, p.head[part], it, ring, full, empty, img_s, runs_s, red, st, nullptr,
