@@ -3,6 +3,9 @@
 # run the benchmark. Everything it reports lands in $OUT (default /tmp/pumice-cuda-out).
 #
 #   benchmarks/cuda_device_run.sh [all|build|test|bench] [extra bench_cuda.py arguments]
+#   benchmarks/cuda_device_run.sh profile [extra profile_gemv.py arguments]
+#       Nsight Compute on the GEMV launches of a 2-layer model (NCU_ARGS to override the
+#       sections, launch counts or kernel filter); the report text lands in $OUT/ncu.txt
 #
 # Environment:
 #   OUT              where logs and bench_cuda.json go
@@ -40,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 if [ -n "${PUMICE_PREBUILT:-}" ] && [ -f "$PUMICE_PREBUILT/libpumice_cuda.so" ]; then
     LIBDIR=$PUMICE_PREBUILT
     echo "using prebuilt libraries in $LIBDIR"
-elif [ "$WHAT" = all ] || [ "$WHAT" = build ] || [ "$WHAT" = test ] || [ "$WHAT" = bench ]; then
+else
     t0=$(date +%s)
     cmake -S "$ROOT" -B /tmp/pumice-build -DPUMICE_CUDA=ON -DPUMICE_NATIVE=ON \
         -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
@@ -63,4 +66,14 @@ fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     PUMICE_VERBOSE=1 python3 benchmarks/bench_cuda.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
+
+if [ "$WHAT" = profile ]; then
+    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
+    # shellcheck disable=SC2086
+    "$NCU" ${NCU_ARGS:---kernel-name regex:gemv --launch-skip 18 --launch-count 9 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section LaunchStats} python3 benchmarks/profile_gemv.py "$@" > "$OUT/ncu.txt" 2>&1
+    echo "ncu: rc=$?"
+    grep -E "gemv_kernel|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|L2 Hit|L1/TEX Cache Throughput|L2 Cache Throughput|Issued Ipc|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Eligible Warps|No Eligible" "$OUT/ncu.txt" | head -150
 fi

@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--kind", default="rtn2g64")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--columns", type=int, default=1, help="tokens per step (1-16: a prompt chunk of that many)")
     args = ap.parse_args()
     os.environ.setdefault("PUMICE_CUDA_GRAPHS", "0")
     bench_cuda.SHAPES["profile"] = dict(bench_cuda.SHAPES["llama2-7b"], num_hidden_layers=args.layers)
@@ -30,10 +31,10 @@ def main() -> None:
         path = Path(tmp) / "profile.pumice"
         bench_cuda.write_random_model(path, "profile", args.kind)
         model = NativeModel(str(path), device="cuda")
-        s = model.new_session(256)
+        s = model.new_session(64 + args.steps * args.columns)
         s.forward(list(range(3, 35)))
         for _ in range(args.steps):
-            s.forward([3], return_logits=False)
+            s.forward([3] * args.columns, return_logits=False)
         s.close()
 
 

@@ -170,6 +170,16 @@ def test_config_variants(tmp_path, overrides):
             assert relative_error(s.forward([tokens[i]]), ref[i]) < 2e-2
 
 
+def test_four_tile_blocks_match_reference(tmp_path):
+    # At 9-16 columns a GEMV block takes four row tiles where the grid still fills the GPU (over
+    # 4 * 132 tiles on an H100): q/k/v of 64 heads of 128 (RoPE and the cache write), gate/up
+    # (two SwiGLU pairs per block) and a vocabulary of 8500 (the head); the 13- and 16-token
+    # prompts of assert_matches_reference are such steps.
+    path, weights, config = _write(tmp_path, "rtn", "f16", 2, 64, num_attention_heads=64, num_key_value_heads=8,
+                                   head_dim=128, intermediate_size=4352, vocab_size=8500)
+    assert_matches_reference(path, weights, config, 2e-2)
+
+
 def test_decode_batch_matches_single_sessions(tiny_models, monkeypatch):
     # Single 2-bit sessions would take the persistent step (int8 activations, its own test file);
     # this compares batched and single steps of the same f16 path.

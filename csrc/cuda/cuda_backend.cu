@@ -77,16 +77,24 @@ int persistent_skip() {
     return v ? std::atoi(v) & 15 : 0;
 }
 
-// PDL and the fused RMSNorm pay at up to 8 columns (latency-bound steps); at 9-16 columns
-// both measured slower (the consumers' re-reading of the norm partials, blocks waiting early).
-constexpr int kMaxColsForLatencyTricks = 8;
+// PDL pays at up to 8 columns (latency-bound steps); at 9-16 columns it measured slower (blocks
+// waiting early take the room of running ones). The fused RMSNorm pays at every column count
+// since the four-tile GEMV blocks (docs/CUDA.md, "Decode step"). PUMICE_PDL_COLS and
+// PUMICE_CUDA_FUSED_NORM_COLS move either limit (0-16) for comparisons.
+int env_count(const char *name, int fallback) {
+    const char *v = std::getenv(name);
+    return v && *v ? std::max(0, std::min(kMaxStepCols, std::atoi(v))) : fallback;
+}
+int pdl_max_cols() { return env_count("PUMICE_PDL_COLS", 8); }
+int fused_norm_max_cols() { return env_count("PUMICE_CUDA_FUSED_NORM_COLS", kMaxStepCols); }
 
 // The settings a captured step depends on (a graph is kept per column count and settings).
-int step_variant(int n_cols) {
+int64_t step_variant(int n_cols) {
     return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) |
            (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (persistent_requested() ? 1 << 11 : 0) |
            (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
-           (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0);
+           (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
+           (int64_t(fused_norm_max_cols()) << 32) | (int64_t(pdl_max_cols()) << 40);
 }
 bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }
 
@@ -229,7 +237,7 @@ private:
     StepColumn *writable_cols();
     // Step columns for one next token of each of n sessions (decode_batch and its sampling twin).
     void stage_next_tokens(BackendSession *const *sessions, const int32_t *tokens, int n);
-    std::map<int, cudaGraphExec_t> graphs_;
+    std::map<int64_t, cudaGraphExec_t> graphs_;
 
     PrefillWorkspace pw_;
 
@@ -597,8 +605,8 @@ void CudaBackend::enqueue_step(int n) {
     // Fused RMSNorm: the O and down epilogues write half(resid * next norm weight) and partial
     // sums of squares; the QKV, gate/up and head GEMVs scale their dot products. Layer 0's input
     // norm follows the embedding as its own kernel.
-    const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0 && n <= kMaxColsForLatencyTricks;
-    const PdlOff no_pdl(n > kMaxColsForLatencyTricks);
+    const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0 && n <= fused_norm_max_cols();
+    const PdlOff no_pdl(n > pdl_max_cols());
     const int parts = gemv_only_step();
     const bool gemv_only = parts != 0;
     auto keep = [&](int part) { return !gemv_only || (parts & part); };
@@ -812,7 +820,7 @@ void CudaBackend::run_step(int n) {
         enqueue_step(n);
         return;
     }
-    const int variant = step_variant(n);
+    const int64_t variant = step_variant(n);
     auto it = graphs_.find(variant);
     if (it == graphs_.end()) {
         cudaGraph_t graph = nullptr;

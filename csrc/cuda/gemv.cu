@@ -79,15 +79,19 @@ template <int R, class Value>
 __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, Value value,
                               const ResidualReads<R> *pre = nullptr) {
     switch (e.mode) {
-        case EPI_SWIGLU: {
+        case EPI_SWIGLU: {  // tiles 2p and 2p + 1 are gate and up tiles of output tile `pair`
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = i + 8 * h;
-                const int64_t out_row = group * 16 + row;
-                if (out_row >= e.n_rows) continue;
-                float g = value(0, row), u = value(R - 1, row);
-                if (e.bias) { g += e.bias[group * 32 + row]; u += e.bias[group * 32 + 16 + row]; }
-                e.out_h[col * e.ldo + out_row] = __float2half(silu(g) * u);
+            for (int p = 0; p < R / 2; ++p) {
+                const int64_t pair = group * (R / 2) + p;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = i + 8 * h;
+                    const int64_t out_row = pair * 16 + row;
+                    if (out_row >= e.n_rows) continue;
+                    float g = value(2 * p, row), u = value(2 * p + 1, row);
+                    if (e.bias) { g += e.bias[pair * 32 + row]; u += e.bias[pair * 32 + 16 + row]; }
+                    e.out_h[col * e.ldo + out_row] = __float2half(silu(g) * u);
+                }
             }
             return;
         }
@@ -192,18 +196,19 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     const int64_t group = blockIdx.x;
     const WeightView &w = call.w;
     const int c0 = 2 * (lane % 4), bn = lane / 4;
+    const int n_cols = call.batch < NT * 8 ? call.batch : NT * 8;
 
     int64_t stored[R];
 #pragma unroll
     for (int t = 0; t < R; ++t) stored[t] = call.tile_base + (group * R + t) * call.tile_stride;
 
-    // The residual add's reads go out early (O and down: one-tile blocks, up to 8 columns), so
-    // that their L2 round trip overlaps the first pass instead of following the last (O 7.5 ->
-    // 7.0 us, down 14.0 -> 12.9 us at Llama-2-7B rtn2; docs/CUDA.md).
-    constexpr bool kEarlyResidual = R == 1 && NT == 1;
-    __shared__ ResidualReads<R> staged_resid[kEarlyResidual ? 8 : 1][8];
+    // The residual add's reads go out early (O and down: one-tile blocks), so that their L2
+    // round trip overlaps the first pass instead of following the last (O 7.5 -> 7.0 us, down
+    // 14.0 -> 12.9 us at Llama-2-7B rtn2 batch 1; docs/CUDA.md).
+    constexpr bool kEarlyResidual = R == 1;
+    __shared__ ResidualReads<R> staged_resid[kEarlyResidual ? NT * 8 : 1][8];
     const bool early_residual = kEarlyResidual && call.early_reads && call.epi.mode == EPI_ADD &&
-                                static_cast<int>(threadIdx.x / 8) < call.batch;
+                                static_cast<int>(threadIdx.x / 8) < n_cols;
     auto request_residual_rows = [&] {
         if constexpr (kEarlyResidual)
             if (early_residual)
@@ -221,7 +226,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const int n = nt * 8 + bn;
-        xvalid[nt] = n < call.batch;
+        xvalid[nt] = n < n_cols;
         xrow[nt] = call.x + static_cast<int64_t>(xvalid[nt] ? n : 0) * call.ldx + (lane % 4) * (KU / 4);
     }
 
@@ -318,7 +323,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
         pdl_wait();
         request_residual_rows();
     }
-    if (call.epi.norm_partials) norm_scales(call.epi, 0, call.batch < NT * 8 ? call.batch : NT * 8, scale);
+    if (call.epi.norm_partials) norm_scales(call.epi, 0, n_cols, scale);
 #pragma unroll
     for (int c = 1; c < NACC; ++c)
 #pragma unroll
@@ -339,7 +344,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     __syncthreads();
 
     const int i = threadIdx.x % 8, col = threadIdx.x / 8;
-    if (col >= call.batch || col >= NT * 8) return;
+    if (col >= n_cols) return;
     const float sc = call.epi.norm_partials ? scale[col] : 1.f;
     auto value = [&](int t, int row) {
         float s = 0.f;
@@ -453,9 +458,10 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
         c.tiles_per_block =
             (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms && !c.epi.norm_partials_out) ? 2 : 1;
     // At 9-16 columns each unit's activations are 16x its weight bytes through L1/L2: four tiles
-    // per block share them (PUMICE_CUDA_WIDE_TILES=0: the choice above).
-    if (c.epi.mode != EPI_SWIGLU && c.batch > 8 && c.n_tiles % 4 == 0 && c.n_tiles / 4 >= num_sms &&
-        !c.epi.norm_partials_out && wide_tiles_enabled())
+    // per block share them, two gate/up pairs for SwiGLU (PUMICE_CUDA_WIDE_TILES=0: the choice
+    // above).
+    if (c.batch > 8 && c.n_tiles % 4 == 0 && c.n_tiles / 4 >= num_sms && !c.epi.norm_partials_out &&
+        wide_tiles_enabled())
         c.tiles_per_block = 4;
     switch (c.w.bits) {
         case 2: launch_gemv_bits<2>(c, stream); break;
