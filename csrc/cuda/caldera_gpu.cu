@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_common.cuh"
 #include "device_linear.cuh"
 #include "hadamard_gpu.cuh"
 #include "kernels.cuh"
@@ -337,10 +338,7 @@ private:
     size_t off_a_ = 0, off_m_ = 0, off_l_ = 0, off_r_ = 0, off_qs_ = 0, scratch_ = 0;
 };
 
-bool disabled_by_env() {
-    const char *v = std::getenv("PUMICE_CALDERA_GPU");
-    return v && std::string(v) == "0";
-}
+bool disabled_by_env() { return env_is("PUMICE_CALDERA_GPU", "0"); }
 
 }  // namespace
 

@@ -72,21 +72,17 @@ bool persistent_requested() {
 // PUMICE_CUDA_PERSISTENT_HEAD=0: the head as its own launch after the kernel (comparisons, tests).
 bool persistent_head() { return !env_is("PUMICE_CUDA_PERSISTENT_HEAD", "0"); }
 // Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
-int persistent_skip() {
-    const char *v = std::getenv("PUMICE_CUDA_PERSISTENT_SKIP");
-    return v ? std::atoi(v) & 15 : 0;
-}
+int persistent_skip() { return env_int("PUMICE_CUDA_PERSISTENT_SKIP", 0) & 15; }
 
 // PDL pays at up to 8 columns (latency-bound steps); at 9-16 columns it measured slower (blocks
 // waiting early take the room of running ones). The fused RMSNorm pays at every column count
 // since the four-tile GEMV blocks (docs/CUDA.md, "Decode step"). PUMICE_PDL_COLS and
 // PUMICE_CUDA_FUSED_NORM_COLS move either limit (0-16) for comparisons.
-int env_count(const char *name, int fallback) {
-    const char *v = std::getenv(name);
-    return v && *v ? std::max(0, std::min(kMaxStepCols, std::atoi(v))) : fallback;
+int step_cols_setting(const char *name, int fallback) {
+    return std::max(0, std::min(kMaxStepCols, env_int(name, fallback)));
 }
-int pdl_max_cols() { return env_count("PUMICE_PDL_COLS", 8); }
-int fused_norm_max_cols() { return env_count("PUMICE_CUDA_FUSED_NORM_COLS", kMaxStepCols); }
+int pdl_max_cols() { return step_cols_setting("PUMICE_PDL_COLS", 8); }
+int fused_norm_max_cols() { return step_cols_setting("PUMICE_CUDA_FUSED_NORM_COLS", kMaxStepCols); }
 
 // The settings a captured step depends on (a graph is kept per column count and settings).
 int64_t step_variant(int n_cols) {
@@ -206,6 +202,11 @@ private:
     Epilogue qkv_epilogue(const Layer &L, int layer, const StepColumn *cols, __half *q) const;
     Epilogue residual_epilogue(float *resid, const DeviceBuffer &bias) const;
     Epilogue swiglu_epilogue(__half *act, const DeviceBuffer &bias) const;
+    // The logits (f32), with the fused RMSNorm's scale from the last down epilogue's partials.
+    Epilogue head_epilogue(bool fused_norm) const;
+    // Consumer side of the fused RMSNorm: scale e's dot products by the norm of the residual
+    // whose squares `producer`'s epilogue summed.
+    void consume_norm(Epilogue &e, const LinearGroup &producer) const;
     int attention_splits(int n_cols) const;
 
     LlamaConfig cfg_;
@@ -567,6 +568,23 @@ Epilogue CudaBackend::swiglu_epilogue(__half *act, const DeviceBuffer &bias) con
     return e;
 }
 
+Epilogue CudaBackend::head_epilogue(bool fused_norm) const {
+    Epilogue e;
+    e.mode = EPI_F32;
+    e.out_f32 = logits_dev_.as<float>();
+    e.ldo = cfg_.vocab_size;
+    if (fused_norm && !layers_.empty()) consume_norm(e, layers_.back().down);
+    return e;
+}
+
+void CudaBackend::consume_norm(Epilogue &e, const LinearGroup &producer) const {
+    e.norm_partials = norm_partials_.as<float>();
+    e.n_norm_partials = static_cast<int>(producer.n_tiles);
+    e.norm_ld = ceil_div(hs_, 16);
+    e.norm_hidden = cfg_.hidden_size;
+    e.norm_eps = cfg_.rms_norm_eps;
+}
+
 int CudaBackend::attention_splits(int n_cols) const {
     const int blocks = n_cols * cfg_.num_kv_heads;
     // About six blocks per SM once the context is long; short contexts leave most splits idle
@@ -593,8 +611,8 @@ void CudaBackend::step_linear(const LinearGroup &g, const __half *x, int64_t ldx
 }
 
 void CudaBackend::enqueue_step(int n) {
-    const int part = gemv_only_step();  // the per-matrix timings keep the chain of launches
-    if (n == 1 && persistent_ready_ && persistent_requested() && (part == 0 || part == PART_ALL)) {
+    const int parts = gemv_only_step();  // the per-matrix timings keep the chain of launches
+    if (n == 1 && persistent_ready_ && persistent_requested() && (parts == 0 || parts == PART_ALL)) {
         enqueue_persistent_step();
         return;
     }
@@ -607,7 +625,6 @@ void CudaBackend::enqueue_step(int n) {
     // norm follows the embedding as its own kernel.
     const bool fuse_norm = fused_norm_enabled() && c.num_layers > 0 && n <= fused_norm_max_cols();
     const PdlOff no_pdl(n > pdl_max_cols());
-    const int parts = gemv_only_step();
     const bool gemv_only = parts != 0;
     auto keep = [&](int part) { return !gemv_only || (parts & part); };
     auto produce_norm = [&](Epilogue &e, const DeviceBuffer &weight) {
@@ -618,14 +635,6 @@ void CudaBackend::enqueue_step(int n) {
         e.norm_partials_out = norm_partials_.as<float>();
         e.norm_ld = ceil_div(hs_, 16);
     };
-    auto consume_norm = [&](Epilogue &e, const LinearGroup &producer) {
-        if (!fuse_norm) return;
-        e.norm_partials = norm_partials_.as<float>();
-        e.n_norm_partials = static_cast<int>(producer.n_tiles);
-        e.norm_ld = ceil_div(hs_, 16);
-        e.norm_hidden = c.hidden_size;
-        e.norm_eps = c.rms_norm_eps;
-    };
     if (!gemv_only) launch_embed(embed_.weight->view, cols, n, c.hidden_size, resid, hs_, stream_);
     for (int l = 0; l < c.num_layers; ++l) {
         const Layer &L = layers_[l];
@@ -633,7 +642,7 @@ void CudaBackend::enqueue_step(int n) {
             launch_rmsnorm(resid, hs_, L.attn_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
         Epilogue qkv = qkv_epilogue(L, l, cols, q_.as<__half>());
-        if (l > 0) consume_norm(qkv, layers_[l - 1].down);
+        if (l > 0 && fuse_norm) consume_norm(qkv, layers_[l - 1].down);
         if (keep(PART_QKV)) step_linear(L.qkv, xn, hs_, n, qkv, 1);
 
         AttentionCall at;
@@ -661,7 +670,7 @@ void CudaBackend::enqueue_step(int n) {
             launch_rmsnorm(resid, hs_, L.mlp_norm.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
 
         Epilogue gu = swiglu_epilogue(act_.as<__half>(), L.gate_up_bias);
-        consume_norm(gu, L.o);
+        if (fuse_norm) consume_norm(gu, L.o);
         if (keep(PART_GU)) step_linear(L.gate_up, xn, hs_, n, gu, 2);
 
         Epilogue dn = residual_epilogue(resid, L.down_bias);
@@ -670,12 +679,7 @@ void CudaBackend::enqueue_step(int n) {
     }
     if (!fuse_norm && !gemv_only)
         launch_rmsnorm(resid, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn, hs_, n, stream_);
-    Epilogue head;
-    head.mode = EPI_F32;
-    head.out_f32 = logits_dev_.as<float>();
-    head.ldo = c.vocab_size;
-    consume_norm(head, layers_.back().down);
-    if (keep(PART_HEAD)) step_linear(lm_head_, xn, hs_, n, head, 1);
+    if (keep(PART_HEAD)) step_linear(lm_head_, xn, hs_, n, head_epilogue(fuse_norm), 1);
 }
 
 bool CudaBackend::prepare_persistent(std::string *why) {
@@ -792,7 +796,6 @@ bool CudaBackend::prepare_persistent(std::string *why) {
 // The persistent kernel (embedding to logits); a head that is not 2-bit rtn follows as in the
 // chained step (its fused RMSNorm reads what the last down epilogue wrote).
 void CudaBackend::enqueue_persistent_step() {
-    const LlamaConfig &c = cfg_;
     PUMICE_CUDA_CHECK(cudaMemsetAsync(persistent_barrier_.get(), 0, sizeof(unsigned), stream_));
     PersistentStep p = persistent_;
     p.skip_attention = gemv_only_step() != 0;
@@ -800,16 +803,7 @@ void CudaBackend::enqueue_persistent_step() {
     if (!persistent_head()) p.n_head_parts = 0;
     launch_persistent_step(p, num_sms_, stream_);
     if (p.n_head_parts > 0) return;
-    Epilogue head;
-    head.mode = EPI_F32;
-    head.out_f32 = logits_dev_.as<float>();
-    head.ldo = c.vocab_size;
-    head.norm_partials = norm_partials_.as<float>();
-    head.n_norm_partials = static_cast<int>(layers_.back().down.n_tiles);
-    head.norm_ld = ceil_div(hs_, 16);
-    head.norm_hidden = c.hidden_size;
-    head.norm_eps = c.rms_norm_eps;
-    step_linear(lm_head_, xn_.as<__half>(), hs_, 1, head, 1);
+    step_linear(lm_head_, xn_.as<__half>(), hs_, 1, head_epilogue(true), 1);
 }
 
 void CudaBackend::run_step(int n) {
@@ -1034,11 +1028,7 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
         const int rows = std::min(kMaxStepCols, n - r0);
         launch_rmsnorm(resid + r0 * hs_, hs_, final_norm_.as<float>(), c.hidden_size, c.rms_norm_eps, xn_.as<__half>(),
                        hs_, rows, stream_);
-        Epilogue head;
-        head.mode = EPI_F32;
-        head.out_f32 = logits_dev_.as<float>();
-        head.ldo = V;
-        step_linear(lm_head_, xn_.as<__half>(), hs_, rows, head, 1);
+        step_linear(lm_head_, xn_.as<__half>(), hs_, rows, head_epilogue(false), 1);
         copy_logits(rows, logits_dev_.as<float>(), all ? logits + (r0 - first) * V : logits);
     }
 }

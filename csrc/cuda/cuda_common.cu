@@ -53,6 +53,11 @@ bool env_on(const char *name) {
     return v && *v && std::string(v) != "0";
 }
 
+int env_int(const char *name, int fallback) {
+    const char *v = std::getenv(name);
+    return v && *v ? std::atoi(v) : fallback;
+}
+
 void DeviceBuffer::allocate(size_t bytes, const char *what) {
     release();
     if (bytes == 0) bytes = 1;

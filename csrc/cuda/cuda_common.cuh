@@ -95,9 +95,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 bool pdl_enabled();
 
 // The backend's switches: env_is(name, value) when the variable is set to exactly value;
-// env_on(name) when it is set, non-empty and not "0".
+// env_on(name) when it is set, non-empty and not "0"; env_int(name, fallback) its integer
+// value (fallback when unset or empty).
 bool env_is(const char *name, const char *value);
 bool env_on(const char *name);
+int env_int(const char *name, int fallback);
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 // Turns PDL off for this thread's launches while it lives (the decode step at 9-16 columns,
