@@ -212,7 +212,8 @@ for _mode, _mode_env in GEMV_MODES.items():
 BATCH16_VARIANTS = {
     **{name: STEP_VARIANTS[name] for name in ("default", "no_fused_norm", "no_wide_tiles", "late_reads")},
     "fused_norm_8": {"PUMICE_CUDA_FUSED_NORM_COLS": "8"},
-    "pdl_16": {"PUMICE_PDL_COLS": "16"},
+    "pdl_8": {"PUMICE_PDL_COLS": "8"},
+    "no_three_tiles": {"PUMICE_CUDA_THREE_TILES": "0"},
     "gemv_only": STEP_VARIANTS["gemv_only"],
     "gemv_only_no_wide_tiles": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_WIDE_TILES": "0"},
     **{f"default:{p}": STEP_VARIANTS[f"default:{p}"] for p in GEMV_PARTS},
@@ -290,6 +291,44 @@ def batch16_variants(model, vocab: int, steps: int) -> dict:
     return out
 
 
+def long_context_steps(model, s2k, vocab: int, greedy, quick: bool) -> dict:
+    """Decode steps (ms) where attention is a large part (median of three runs): one session at
+    ~2048 positions through the chain of launches (the persistent step has its own attention),
+    and 16 sessions at ~1024 positions."""
+    from pumice.runtime.native import decode_batch_sample
+    rng = np.random.default_rng(4)
+    sessions = []
+    for _ in range(16):
+        si = model.new_session(N_CTX)
+        si.forward(rng.integers(0, vocab, 1024).tolist())
+        sessions.append(si)
+    steps = 8 if quick else 16
+    b1, b16 = [], []
+    with _env({"PUMICE_CUDA_PERSISTENT": "0"}):
+        for _ in range(3):
+            s2k.truncate(2048)
+            tok = 3
+            for _ in range(2):
+                tok = s2k.forward_sample([tok], greedy)
+            t = time.perf_counter()
+            for _ in range(steps):
+                tok = s2k.forward_sample([tok], greedy)
+            b1.append((time.perf_counter() - t) / steps)
+    for _ in range(3):
+        for si in sessions:
+            si.truncate(1024)
+        toks = [3] * 16
+        for _ in range(2):
+            toks = decode_batch_sample(sessions, toks, [greedy] * 16)
+        t = time.perf_counter()
+        for _ in range(steps):
+            toks = decode_batch_sample(sessions, toks, [greedy] * 16)
+        b16.append((time.perf_counter() - t) / steps)
+    for si in sessions:
+        si.close()
+    return {"b1_chained_ctx2048": float(np.median(b1)) * 1e3, "b16_ctx1024": float(np.median(b16)) * 1e3}
+
+
 def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quick: bool) -> dict:
     import torch
     from pumice.runtime.native import NativeModel, NativeSampling, decode_batch, decode_batch_sample
@@ -325,9 +364,14 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     s = model.new_session(N_CTX)
     s.forward(rng.integers(0, c["vocab_size"], 32).tolist())
     greedy_decode(s, 3, 8)
-    step = greedy_decode(s, 3, n_steps)
+    # Each batch size: the median of three runs (single runs of the same build spread by 20%).
+    steps_1 = []
+    for _ in range(3):
+        s.truncate(40)
+        steps_1.append(greedy_decode(s, 3, n_steps))
+    step = float(np.median(steps_1))
     sample()
-    res["decode"] = {"1": {"step_ms": step * 1e3, "tok_s": 1.0 / step, "context": 32 + 8 + n_steps // 2}}
+    res["decode"] = {"1": {"step_ms": step * 1e3, "tok_s": 1.0 / step, "context": 40 + n_steps // 2}}
     with _env({"PUMICE_CUDA_PERSISTENT": "0"}):
         greedy_decode(s, 3, 8)
         step_c = greedy_decode(s, 3, n_steps)
@@ -352,11 +396,16 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
         toks = [3] * b
         for _ in range(4):
             toks = decode_batch_sample(sessions, toks, [greedy] * b)
-        t = time.perf_counter()
         steps = n_steps // 2
-        for _ in range(steps):
-            toks = decode_batch_sample(sessions, toks, [greedy] * b)
-        dt = (time.perf_counter() - t) / steps
+        runs = []
+        for _ in range(3):
+            for si in sessions:
+                si.truncate(36)
+            t = time.perf_counter()
+            for _ in range(steps):
+                toks = decode_batch_sample(sessions, toks, [greedy] * b)
+            runs.append((time.perf_counter() - t) / steps)
+        dt = float(np.median(runs))
         sample()
         res["decode"][str(b)] = {"step_ms": dt * 1e3, "tok_s": b / dt, "context": 32 + 4 + steps // 2}
         for si in sessions:
@@ -377,6 +426,7 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     res["prefill"] = {"tokens": PREFILL, "s": pre, "tok_s": PREFILL / pre}
     step = greedy_decode(s, 3, 32)
     res["decode_ctx2048"] = {"step_ms": step * 1e3, "tok_s": 1.0 / step}
+    res["long_context_ms"] = long_context_steps(model, s, c["vocab_size"], greedy, quick)
     s.close()
     res["peak_gpu_bytes"] = peak
     res["weight_bytes"] = model.info["weight_bytes"]
@@ -617,6 +667,16 @@ def print_table(results: dict) -> None:
                 continue
             v = r["batch16_variants_ms"]
             print(f"| {shape} | {kind} | " + " | ".join(f"{v[n]:.3f}" for n in b16names) + " |")
+    print("\nlong-context decode steps (ms; b1: chain of launches at ~2048 positions; b16: 16 sessions"
+          " at ~1024):")
+    print("| model | kind | b1 | b16 | b16 tok/s |")
+    print("|---|---|---|---|---|")
+    for shape, entry in results["models"].items():
+        for kind, r in entry["kinds"].items():
+            lc = r.get("long_context_ms") if "error" not in r else None
+            if lc:
+                print(f"| {shape} | {kind} | {lc['b1_chained_ctx2048']:.3f} | {lc['b16_ctx1024']:.3f}"
+                      f" | {16e3 / lc['b16_ctx1024']:.0f} |")
     print("\none matrix per layer alone (us per launch, GB/s of its weights), per GEMV mode:")
     print("| model | kind | mode | " + " | ".join(GEMV_PARTS) + " |")
     print("|---|---|---|" + "---|" * len(GEMV_PARTS))

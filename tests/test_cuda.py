@@ -170,12 +170,23 @@ def test_config_variants(tmp_path, overrides):
             assert relative_error(s.forward([tokens[i]]), ref[i]) < 2e-2
 
 
-def test_four_tile_blocks_match_reference(tmp_path):
-    # At 9-16 columns a GEMV block takes four row tiles where the grid still fills the GPU (over
-    # 4 * 132 tiles on an H100): q/k/v of 64 heads of 128 (RoPE and the cache write), gate/up
-    # (two SwiGLU pairs per block) and a vocabulary of 8500 (the head); the 13- and 16-token
-    # prompts of assert_matches_reference are such steps.
-    path, weights, config = _write(tmp_path, "rtn", "f16", 2, 64, num_attention_heads=64, num_key_value_heads=8,
+STEP_SETTINGS = {
+    "default": {},
+    "four-tile-qkv": {"PUMICE_CUDA_THREE_TILES": "0"},
+    "no-pdl": {"PUMICE_PDL_COLS": "0"},
+}
+
+
+@pytest.mark.parametrize("setting", list(STEP_SETTINGS))
+def test_wide_blocks_match_reference(tmp_path, setting, monkeypatch):
+    # At 9-16 columns a GEMV block takes three or four row tiles where the grid fills the GPU (over
+    # 4 * 132 tiles on an H100): q/k/v of 64 + 2 * 16 heads of 128 (RoPE and the cache write; 768
+    # tiles, three per block by default, four without), gate/up (two SwiGLU pairs per block) and
+    # a vocabulary of 8500 (the head); the 13- and 16-token prompts of assert_matches_reference
+    # are such steps, with PDL and without.
+    for name, value in STEP_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    path, weights, config = _write(tmp_path, "rtn", "f16", 2, 64, num_attention_heads=64, num_key_value_heads=16,
                                    head_dim=128, intermediate_size=4352, vocab_size=8500)
     assert_matches_reference(path, weights, config, 2e-2)
 

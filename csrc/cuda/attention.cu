@@ -25,6 +25,31 @@ __device__ __forceinline__ int split_chunk(int len, int splits) {
     return c < 32 ? 32 : c;
 }
 
+// Eight dims (dl * 8..) of cache row p, or zeros past the end.
+template <int D>
+__device__ __forceinline__ uint4 load_row(const __half *base, int p, int end, int dl) {
+    return p < end ? *reinterpret_cast<const uint4 *>(base + static_cast<int64_t>(p) * D + dl * 8) : make_uint4(0, 0, 0, 0);
+}
+
+// acc[g] += probability of position j (sub-chunk slot) for head g * its value row (8 dims).
+template <int G>
+__device__ __forceinline__ void accumulate_value(float (&acc)[G][8], const uint4 raw, const float (*sc)[kSub], int j) {
+    const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 f = __half22float2(h2[e]);
+        v[2 * e] = f.x;
+        v[2 * e + 1] = f.y;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const float pw = sc[g][j];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] += pw * v[e];
+    }
+}
+
 template <int D, int G>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttentionCall a) {
     constexpr int LPP = D / 8;                 // lanes per key row
@@ -75,22 +100,27 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 
     const int warp = tid / 32, lane = tid % 32;
     for (int sub = start; sub < end; sub += kSub) {
-        // Scores of this sub-chunk: LPP lanes per key, 16-byte loads.
+        // Scores of this sub-chunk: LPP lanes per key, 16-byte loads. A thread's keys (and
+        // later its values) are all requested before the first is used: the compiler does not
+        // move a global load above the shared-memory stores of the pass before, and one row at a
+        // time cost 7% of a 16-session step at 1024 positions (8B: 12%; docs/CUDA.md).
+        constexpr int kRows = kSub / NPG;
+        uint4 kraw[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) kraw[r] = load_row<D>(kbase, sub + r * NPG + kp, end, dl);
 #pragma unroll
         for (int p0 = 0; p0 < kSub; p0 += NPG) {
             const int p = sub + p0 + kp;
             float dot[G];
 #pragma unroll
             for (int g = 0; g < G; ++g) dot[g] = 0.f;
-            if (p < end) {
-                const uint4 raw = *reinterpret_cast<const uint4 *>(kbase + static_cast<int64_t>(p) * D + dl * 8);
-                const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
+            const uint4 raw = kraw[p0 / NPG];  // zeros past end
+            const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float2 f = __half22float2(h2[e]);
+            for (int e = 0; e < 4; ++e) {
+                const float2 f = __half22float2(h2[e]);
 #pragma unroll
-                    for (int g = 0; g < G; ++g) dot[g] += q[g][2 * e] * f.x + q[g][2 * e + 1] * f.y;
-                }
+                for (int g = 0; g < G; ++g) dot[g] += q[g][2 * e] * f.x + q[g][2 * e + 1] * f.y;
             }
 #pragma unroll
             for (int g = 0; g < G; ++g) {
@@ -133,25 +163,11 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[g][e] *= al;
         }
-        for (int j = kp; j < kSub; j += NPG) {
-            const int p = sub + j;
-            if (p >= end) break;
-            const uint4 raw = *reinterpret_cast<const uint4 *>(vbase + static_cast<int64_t>(p) * D + dl * 8);
-            const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
-            float v[8];
+        uint4 vraw[kRows];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float2 f = __half22float2(h2[e]);
-                v[2 * e] = f.x;
-                v[2 * e + 1] = f.y;
-            }
+        for (int r = 0; r < kRows; ++r) vraw[r] = load_row<D>(vbase, sub + r * NPG + kp, end, dl);
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                const float pw = sc[g][j];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[g][e] += pw * v[e];
-            }
-        }
+        for (int r = 0; r < kRows; ++r) accumulate_value<G>(acc, vraw[r], sc, r * NPG + kp);  // zeros past end
         __syncthreads();
     }
 

@@ -74,14 +74,14 @@ bool persistent_head() { return !env_is("PUMICE_CUDA_PERSISTENT_HEAD", "0"); }
 // Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
 int persistent_skip() { return env_int("PUMICE_CUDA_PERSISTENT_SKIP", 0) & 15; }
 
-// PDL pays at up to 8 columns (latency-bound steps); at 9-16 columns it measured slower (blocks
-// waiting early take the room of running ones). The fused RMSNorm pays at every column count
-// since the four-tile GEMV blocks (docs/CUDA.md, "Decode step"). PUMICE_PDL_COLS and
+// PDL and the fused RMSNorm pay at every column count (docs/CUDA.md, "Decode step"; PDL at 9-16
+// columns only since QKV's three-tile blocks: with 192 four-tile blocks, waiting blocks of the
+// next kernel took the room of QKV's second wave). PUMICE_PDL_COLS and
 // PUMICE_CUDA_FUSED_NORM_COLS move either limit (0-16) for comparisons.
 int step_cols_setting(const char *name, int fallback) {
     return std::max(0, std::min(kMaxStepCols, env_int(name, fallback)));
 }
-int pdl_max_cols() { return step_cols_setting("PUMICE_PDL_COLS", 8); }
+int pdl_max_cols() { return step_cols_setting("PUMICE_PDL_COLS", kMaxStepCols); }
 int fused_norm_max_cols() { return step_cols_setting("PUMICE_CUDA_FUSED_NORM_COLS", kMaxStepCols); }
 
 // The settings a captured step depends on (a graph is kept per column count and settings).
@@ -90,6 +90,7 @@ int64_t step_variant(int n_cols) {
            (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (persistent_requested() ? 1 << 11 : 0) |
            (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
            (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
+           (three_tiles_enabled() ? 1 << 24 : 0) |
            (int64_t(fused_norm_max_cols()) << 32) | (int64_t(pdl_max_cols()) << 40);
 }
 bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }

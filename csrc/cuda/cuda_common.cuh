@@ -102,8 +102,7 @@ bool env_on(const char *name);
 int env_int(const char *name, int fallback);
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
-// Turns PDL off for this thread's launches while it lives (the decode step at 9-16 columns,
-// where it measured slower: its kernels are throughput-, not latency-bound).
+// Turns PDL off for this thread's launches while it lives (a decode step past PUMICE_PDL_COLS).
 class PdlOff {
 public:
     explicit PdlOff(bool off);

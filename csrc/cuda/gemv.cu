@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     const int64_t units = w.units;
     // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
     // before the first is used, so small matrices (a few units per warp) are not latency-bound.
-    constexpr int U = NT == 1 ? 4 : R >= 4 ? 1 : 2;
+    constexpr int U = NT == 1 ? 4 : R >= 3 ? 1 : 2;
     bool waited = false;
     for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
         uint4 q[U][R];
@@ -418,28 +418,31 @@ __global__ void dequantize_rows_f32_kernel(const WeightView w, int64_t row0, int
         out[blockIdx.y * k_count + k] = weight_at(w, row, k);
 }
 
-template <int BITS, int R>
-void launch_gemv_bits_r(const GemvCall &c, cudaStream_t stream) {
+// R tiles of W warps per block; kNarrow: also the 1-8 column kernel (wide shapes have none).
+template <int BITS, int R, int W, bool kNarrow = true>
+void launch_gemv_shape(const GemvCall &c, cudaStream_t stream) {
     const int64_t groups = c.n_tiles / R;
     if (groups <= 0) return;
-    constexpr int threads = warps_for<R>() * 32;
     const dim3 grid(static_cast<unsigned>(groups));
-    if (c.batch <= 8) launch_kernel(gemv_kernel<BITS, R, 1, warps_for<R>()>, grid, threads, 0, stream, c);
-    else launch_kernel(gemv_kernel<BITS, R, 2, warps_for<R>()>, grid, threads, 0, stream, c);
+    if constexpr (kNarrow) {
+        if (c.batch <= 8) {
+            launch_kernel(gemv_kernel<BITS, R, 1, W>, grid, W * 32, 0, stream, c);
+            PUMICE_CUDA_CHECK_LAUNCH("gemv");
+            return;
+        }
+    }
+    launch_kernel(gemv_kernel<BITS, R, 2, W>, grid, W * 32, 0, stream, c);
     PUMICE_CUDA_CHECK_LAUNCH("gemv");
 }
 
 template <int BITS>
 void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
-    if (c.tiles_per_block == 4) {  // 9-16 columns only (launch_gemv)
-        const dim3 grid(static_cast<unsigned>(c.n_tiles / 4));
-        launch_kernel(gemv_kernel<BITS, 4, 2, warps_for<4>()>, grid, warps_for<4>() * 32, 0, stream, c);
-        PUMICE_CUDA_CHECK_LAUNCH("gemv");
-    } else if (c.tiles_per_block == 2) {
-        launch_gemv_bits_r<BITS, 2>(c, stream);
-    } else {
-        launch_gemv_bits_r<BITS, 1>(c, stream);
-    }
+    const int r = c.tiles_per_block, w = c.warps ? c.warps : (r == 1 ? 8 : 4);
+    if (r == 1 && w == 8) launch_gemv_shape<BITS, 1, 8>(c, stream);
+    else if (r == 2 && w == 4) launch_gemv_shape<BITS, 2, 4>(c, stream);
+    else if (c.batch > 8 && r == 3 && w == 8) launch_gemv_shape<BITS, 3, 8, false>(c, stream);
+    else if (c.batch > 8 && r == 4 && w == 4) launch_gemv_shape<BITS, 4, 4, false>(c, stream);
+    else throw Error(PUMICE_ERR_INTERNAL, "gemv: unsupported block shape");
 }
 
 }  // namespace
@@ -447,6 +450,8 @@ void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
 bool wide_tiles_enabled() { return !env_is("PUMICE_CUDA_WIDE_TILES", "0"); }
 
 bool early_epilogue_reads_enabled() { return !env_is("PUMICE_CUDA_EARLY_READS", "0"); }
+
+bool three_tiles_enabled() { return !env_is("PUMICE_CUDA_THREE_TILES", "0"); }
 
 void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (call.batch < 1 || call.batch > 16) throw Error(PUMICE_ERR_INTERNAL, "gemv batch out of range");
@@ -459,10 +464,23 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
             (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms && !c.epi.norm_partials_out) ? 2 : 1;
     // At 9-16 columns each unit's activations are 16x its weight bytes through L1/L2: four tiles
     // per block share them, two gate/up pairs for SwiGLU (PUMICE_CUDA_WIDE_TILES=0: the choice
-    // above).
-    if (c.batch > 8 && c.n_tiles % 4 == 0 && c.n_tiles / 4 >= num_sms && !c.epi.norm_partials_out &&
-        wide_tiles_enabled())
-        c.tiles_per_block = 4;
+    // above). Three tiles per block, 8 warps, where that leaves fewer tiles on the busiest SM
+    // (Llama-2-7B's QKV, 768 tiles: 192 four-tile blocks put 8 tiles on 60 SMs and 4 on the
+    // rest; 256 three-tile blocks, two per SM, put 6 on 124; PUMICE_CUDA_THREE_TILES=0: four).
+    if (c.batch > 8 && !c.epi.norm_partials_out && wide_tiles_enabled()) {
+        // A wide shape needs a grid of at least 90% of the SMs (Llama-3-8B's QKV: 128 three-tile
+        // blocks, 2.98 against 3.07 ms per batch-16 step with one-tile blocks).
+        const auto fills = [&](int r) { return c.n_tiles % r == 0 && c.n_tiles / r * 10 >= num_sms * 9; };
+        const auto busiest_sm_tiles = [&](int r) { return r * ceil_div(c.n_tiles / r, num_sms); };
+        const bool four = fills(4);
+        const bool three = c.epi.mode != EPI_SWIGLU && fills(3) && three_tiles_enabled();
+        if (three && (!four || busiest_sm_tiles(3) < busiest_sm_tiles(4))) {
+            c.tiles_per_block = 3;
+            c.warps = 8;
+        } else if (four) {
+            c.tiles_per_block = 4;
+        }
+    }
     switch (c.w.bits) {
         case 2: launch_gemv_bits<2>(c, stream); break;
         case 3: launch_gemv_bits<3>(c, stream); break;
