@@ -214,6 +214,7 @@ BATCH16_VARIANTS = {
     "fused_norm_8": {"PUMICE_CUDA_FUSED_NORM_COLS": "8"},
     "pdl_8": {"PUMICE_PDL_COLS": "8"},
     "no_three_tiles": {"PUMICE_CUDA_THREE_TILES": "0"},
+    "no_residual_pairs": {"PUMICE_CUDA_RESIDUAL_PAIRS": "0"},
     "gemv_only": STEP_VARIANTS["gemv_only"],
     "gemv_only_no_wide_tiles": {"PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_WIDE_TILES": "0"},
     **{f"default:{p}": STEP_VARIANTS[f"default:{p}"] for p in GEMV_PARTS},

@@ -172,18 +172,20 @@ def test_config_variants(tmp_path, overrides):
 
 STEP_SETTINGS = {
     "default": {},
+    "two-tile-residual-adds": {"PUMICE_CUDA_RESIDUAL_PAIRS": "always"},
     "four-tile-qkv": {"PUMICE_CUDA_THREE_TILES": "0"},
-    "no-pdl": {"PUMICE_PDL_COLS": "0"},
+    "no-pdl-two-tile-residual-adds": {"PUMICE_PDL_COLS": "0", "PUMICE_CUDA_RESIDUAL_PAIRS": "always"},
 }
 
 
 @pytest.mark.parametrize("setting", list(STEP_SETTINGS))
 def test_wide_blocks_match_reference(tmp_path, setting, monkeypatch):
-    # At 9-16 columns a GEMV block takes three or four row tiles where the grid fills the GPU (over
-    # 4 * 132 tiles on an H100): q/k/v of 64 + 2 * 16 heads of 128 (RoPE and the cache write; 768
-    # tiles, three per block by default, four without), gate/up (two SwiGLU pairs per block) and
-    # a vocabulary of 8500 (the head); the 13- and 16-token prompts of assert_matches_reference
-    # are such steps, with PDL and without.
+    # At 9-16 columns GEMV blocks take several row tiles where the grid still fills the GPU (132
+    # SMs on an H100): q/k/v of 64 + 2 * 16 heads of 128 (RoPE and the cache write; 768 tiles,
+    # three per block by default, four without), gate/up (two SwiGLU pairs per block) and a
+    # vocabulary of 8500 (the head); the 13- and 16-token prompts of assert_matches_reference are
+    # such steps. The residual adds (O, down: norm producers) are too small here to fill the GPU
+    # as pairs, which "always" forces; with PDL and without.
     for name, value in STEP_SETTINGS[setting].items():
         monkeypatch.setenv(name, value)
     path, weights, config = _write(tmp_path, "rtn", "f16", 2, 64, num_attention_heads=64, num_key_value_heads=16,
@@ -191,11 +193,15 @@ def test_wide_blocks_match_reference(tmp_path, setting, monkeypatch):
     assert_matches_reference(path, weights, config, 2e-2)
 
 
-def test_decode_batch_matches_single_sessions(tiny_models, monkeypatch):
+@pytest.mark.parametrize("kind", [("rtn", "f16", 2, 64), ("rtn", "f16", 3, 32), ("rtn", "f16", 8, 64),
+                                  ("dense", "f16", 0, 0)], ids=_kind_id)
+def test_decode_batch_matches_single_sessions(tiny_models, kind, monkeypatch):
     # Single 2-bit sessions would take the persistent step (int8 activations, its own test file);
-    # this compares batched and single steps of the same f16 path.
+    # this compares batched and single steps of the same f16 path. Residual adds as two-tile
+    # blocks at 9-16 columns (on a large enough model the default) for every bit width.
     monkeypatch.setenv("PUMICE_CUDA_PERSISTENT", "0")
-    path, weights, config = tiny_models[("rtn", "f16", 2, 64)]
+    monkeypatch.setenv("PUMICE_CUDA_RESIDUAL_PAIRS", "always")
+    path, weights, config = tiny_models[kind]
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 500, size=n).tolist() for n in (5, 33, 17, 2, 60, 9, 21, 40, 3, 12,
                                                                8, 14, 19, 26, 31, 6, 50, 4)]

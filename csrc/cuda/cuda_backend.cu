@@ -90,7 +90,7 @@ int64_t step_variant(int n_cols) {
            (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (persistent_requested() ? 1 << 11 : 0) |
            (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
            (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
-           (three_tiles_enabled() ? 1 << 24 : 0) |
+           (three_tiles_enabled() ? 1 << 24 : 0) | (residual_pairs_mode() << 25) |
            (int64_t(fused_norm_max_cols()) << 32) | (int64_t(pdl_max_cols()) << 40);
 }
 bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }

@@ -173,7 +173,11 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
                 ss += __shfl_xor_sync(mask, ss, 4);
                 ss += __shfl_xor_sync(mask, ss, 2);
                 ss += __shfl_xor_sync(mask, ss, 1);
-                if (i == 0) e.norm_partials_out[col * e.norm_ld + group] = ss;
+                // One partial per tile whatever the block shape: the block's sum in its first
+                // tile's slot, zeros in the others.
+                if (i == 0)
+#pragma unroll
+                    for (int t = 0; t < R; ++t) e.norm_partials_out[col * e.norm_ld + group * R + t] = t == 0 ? ss : 0.f;
             }
             return;
         }
@@ -205,7 +209,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     // The residual add's reads go out early (O and down: one-tile blocks), so that their L2
     // round trip overlaps the first pass instead of following the last (O 7.5 -> 7.0 us, down
     // 14.0 -> 12.9 us at Llama-2-7B rtn2 batch 1; docs/CUDA.md).
-    constexpr bool kEarlyResidual = R == 1;
+    constexpr bool kEarlyResidual = R == 1 || W == 16;
     __shared__ ResidualReads<R> staged_resid[kEarlyResidual ? NT * 8 : 1][8];
     const bool early_residual = kEarlyResidual && call.early_reads && call.epi.mode == EPI_ADD &&
                                 static_cast<int>(threadIdx.x / 8) < n_cols;
@@ -245,7 +249,7 @@ __global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel
     const int64_t units = w.units;
     // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
     // before the first is used, so small matrices (a few units per warp) are not latency-bound.
-    constexpr int U = NT == 1 ? 4 : R >= 3 ? 1 : 2;
+    constexpr int U = NT == 1 ? 4 : R >= 3 || W == 16 ? 1 : 2;
     bool waited = false;
     for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
         uint4 q[U][R];
@@ -442,6 +446,7 @@ void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
     else if (r == 2 && w == 4) launch_gemv_shape<BITS, 2, 4>(c, stream);
     else if (c.batch > 8 && r == 3 && w == 8) launch_gemv_shape<BITS, 3, 8, false>(c, stream);
     else if (c.batch > 8 && r == 4 && w == 4) launch_gemv_shape<BITS, 4, 4, false>(c, stream);
+    else if (c.batch > 8 && r == 2 && w == 16) launch_gemv_shape<BITS, 2, 16, false>(c, stream);
     else throw Error(PUMICE_ERR_INTERNAL, "gemv: unsupported block shape");
 }
 
@@ -453,6 +458,10 @@ bool early_epilogue_reads_enabled() { return !env_is("PUMICE_CUDA_EARLY_READS", 
 
 bool three_tiles_enabled() { return !env_is("PUMICE_CUDA_THREE_TILES", "0"); }
 
+int residual_pairs_mode() {
+    return env_is("PUMICE_CUDA_RESIDUAL_PAIRS", "0") ? 0 : env_is("PUMICE_CUDA_RESIDUAL_PAIRS", "always") ? 2 : 1;
+}
+
 void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (call.batch < 1 || call.batch > 16) throw Error(PUMICE_ERR_INTERNAL, "gemv batch out of range");
     GemvCall c = call;
@@ -462,23 +471,35 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream) {
     if (c.epi.mode != EPI_SWIGLU)
         c.tiles_per_block =
             (c.n_tiles % 2 == 0 && c.n_tiles / 2 >= 2 * num_sms && !c.epi.norm_partials_out) ? 2 : 1;
-    // At 9-16 columns each unit's activations are 16x its weight bytes through L1/L2: four tiles
-    // per block share them, two gate/up pairs for SwiGLU (PUMICE_CUDA_WIDE_TILES=0: the choice
-    // above). Three tiles per block, 8 warps, where that leaves fewer tiles on the busiest SM
-    // (Llama-2-7B's QKV, 768 tiles: 192 four-tile blocks put 8 tiles on 60 SMs and 4 on the
-    // rest; 256 three-tile blocks, two per SM, put 6 on 124; PUMICE_CUDA_THREE_TILES=0: four).
-    if (c.batch > 8 && !c.epi.norm_partials_out && wide_tiles_enabled()) {
-        // A wide shape needs a grid of at least 90% of the SMs (Llama-3-8B's QKV: 128 three-tile
-        // blocks, 2.98 against 3.07 ms per batch-16 step with one-tile blocks).
+    // At 9-16 columns each unit's activations are 16x its weight bytes through L1/L2, so blocks
+    // take several tiles that share them, in shapes that keep the grid at least 90% of the SMs
+    // (PUMICE_CUDA_WIDE_TILES=0: the choice above; docs/CUDA.md, "Decode step"):
+    // - residual adds (O, down): two tiles, 16 warps, one block per SM; the 16 warps split the
+    //   input so that O takes two passes per warp, as one-tile blocks of 8 warps did (Llama-2-7B
+    //   step 2.37 against 2.58 ms; PUMICE_CUDA_RESIDUAL_PAIRS=0: one tile, =always: pairs
+    //   on grids of any size, for tests on small models);
+    // - others: four tiles (two gate/up pairs for SwiGLU), or three tiles of 8 warps, two blocks
+    //   per SM, where that leaves fewer tiles on the busiest SM (Llama-2-7B's QKV, 768 tiles:
+    //   192 four-tile blocks put 8 tiles on 60 SMs and 4 on the rest, 256 three-tile blocks 6
+    //   on 124; Llama-3-8B's, 384 tiles: 128 blocks; PUMICE_CUDA_THREE_TILES=0: four).
+    if (c.batch > 8 && wide_tiles_enabled()) {
         const auto fills = [&](int r) { return c.n_tiles % r == 0 && c.n_tiles / r * 10 >= num_sms * 9; };
         const auto busiest_sm_tiles = [&](int r) { return r * ceil_div(c.n_tiles / r, num_sms); };
-        const bool four = fills(4);
-        const bool three = c.epi.mode != EPI_SWIGLU && fills(3) && three_tiles_enabled();
-        if (three && (!four || busiest_sm_tiles(3) < busiest_sm_tiles(4))) {
-            c.tiles_per_block = 3;
-            c.warps = 8;
-        } else if (four) {
-            c.tiles_per_block = 4;
+        if (c.epi.mode == EPI_ADD) {
+            const int pairs = residual_pairs_mode();
+            if (c.n_tiles % 2 == 0 && (pairs == 2 || (pairs == 1 && fills(2)))) {
+                c.tiles_per_block = 2;
+                c.warps = 16;
+            }
+        } else if (!c.epi.norm_partials_out) {
+            const bool four = fills(4);
+            const bool three = c.epi.mode != EPI_SWIGLU && fills(3) && three_tiles_enabled();
+            if (three && (!four || busiest_sm_tiles(3) < busiest_sm_tiles(4))) {
+                c.tiles_per_block = 3;
+                c.warps = 8;
+            } else if (four) {
+                c.tiles_per_block = 4;
+            }
         }
     }
     switch (c.w.bits) {

@@ -72,9 +72,9 @@ struct GemvCall {
     const __half *x = nullptr;   // [batch][ldx] f16, zero beyond in_features
     int64_t ldx = 0;
     int batch = 1;               // 1..16
-    int tiles_per_block = 1;     // 1, 2 (SWIGLU: 2), or 3 and 4 (9-16 columns)
+    int tiles_per_block = 1;     // 1, 2 (SWIGLU: 2), or 3 and 4 (9-16 columns; launch_gemv)
     bool early_reads = true;     // the epilogue's global reads overlap the first pass (launch_gemv)
-    int warps = 0;               // warps per block; 0: 8 for one tile, else 4 (launch_gemv)
+    int warps = 0;               // warps per block; 0: 8 for one tile, else 4 (launch_gemv: 8, 16)
     Epilogue epi;
 };
 
@@ -87,6 +87,9 @@ bool early_epilogue_reads_enabled();
 bool wide_tiles_enabled();
 // PUMICE_CUDA_THREE_TILES=0: no three-tile blocks at 9-16 columns (comparisons; keyed likewise).
 bool three_tiles_enabled();
+// Two-tile blocks for the residual adds at 9-16 columns: 1 where the grid fills the GPU (default),
+// 0 never, 2 always (PUMICE_CUDA_RESIDUAL_PAIRS=0 / =always: comparisons, tests).
+int residual_pairs_mode();
 
 // Prefill: the epilogue of GemvCall applied to a [n_cols][ld_in] f32 result of a GEMM over all
 // stored tiles (logical == stored order).
