@@ -185,10 +185,11 @@ __device__ void epilogue_pair(const Epilogue &e, int64_t group, int i, int col, 
 }
 
 // One-tile blocks are held to two per SM (the early residual reads would otherwise push their
-// registers past 128 and leave one); other shapes keep the compiler's choice (0: no minimum —
-// an explicit 1 measured slower, with 6-14 more registers).
+// registers past 128 and leave one), and so are three-tile blocks, whose grid is sized for two
+// per SM (3-bit codes would take 130 registers); other shapes keep the compiler's choice (0: no
+// minimum — an explicit 1 measured slower, with 6-14 more registers).
 template <int BITS, int R, int NT, int W>
-__global__ void __launch_bounds__(W * 32, R == 1 && NT == 1 ? 2 : 0) gemv_kernel(const GemvCall call) {
+__global__ void __launch_bounds__(W * 32, (R == 1 && NT == 1) || R == 3 ? 2 : 0) gemv_kernel(const GemvCall call) {
     constexpr int kWarps = W;
     constexpr int KT = unit_ktiles(BITS);
     constexpr int KU = unit_k(BITS);
