@@ -153,19 +153,17 @@ def copy_bandwidth() -> float:
 # ---- pumice worker ----------------------------------------------------------------------------
 
 def kernel_profile(run_step, steps: int = 3) -> dict:
-    """Per-kernel GPU time of `steps` calls of run_step(i) (direct launches, no graph)."""
+    """Per-kernel GPU time of `steps` calls of run_step(i) (direct launches, no graph, no PDL:
+    under PDL a kernel's time would include its wait for its predecessor)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    os.environ["PUMICE_CUDA_GRAPHS"] = "0"
-    try:
+    with _env({"PUMICE_CUDA_GRAPHS": "0", "PUMICE_PDL": "0"}):
         run_step(0)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for t in range(steps):
                 run_step(1 + t)
             torch.cuda.synchronize()
-    finally:
-        os.environ["PUMICE_CUDA_GRAPHS"] = "1"
     by_kernel: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type.name != "CUDA" or "pumice" not in ev.name:
