@@ -21,9 +21,10 @@ namespace pumice {
 namespace cuda {
 namespace {
 
-// Warps per block: 8 for single-tile blocks (more loads in flight per output), 4 when a block
-// holds two tiles (its registers would otherwise allow a single block per SM).
-template <int R> __host__ __device__ constexpr int warps_for() { return R == 1 ? 8 : 4; }
+// Warps per block unless the call says (GemvCall::warps): 8 for single-tile blocks (more loads
+// in flight per output), 4 when a block holds several tiles (its registers would otherwise allow
+// a single block per SM).
+int default_warps(int tiles_per_block) { return tiles_per_block == 1 ? 8 : 4; }
 
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -207,7 +208,8 @@ __global__ void __launch_bounds__(W * 32, (R == 1 && NT == 1) || R == 3 ? 2 : 0)
 #pragma unroll
     for (int t = 0; t < R; ++t) stored[t] = call.tile_base + (group * R + t) * call.tile_stride;
 
-    // The residual add's reads go out early (O and down: one-tile blocks), so that their L2
+    // The residual add's reads go out early (O and down: one-tile blocks, or at 9-16 columns
+    // two-tile blocks of 16 warps), so that their L2
     // round trip overlaps the first pass instead of following the last (O 7.5 -> 7.0 us, down
     // 14.0 -> 12.9 us at Llama-2-7B rtn2 batch 1; docs/CUDA.md).
     constexpr bool kEarlyResidual = R == 1 || W == 16;
@@ -442,7 +444,7 @@ void launch_gemv_shape(const GemvCall &c, cudaStream_t stream) {
 
 template <int BITS>
 void launch_gemv_bits(const GemvCall &c, cudaStream_t stream) {
-    const int r = c.tiles_per_block, w = c.warps ? c.warps : (r == 1 ? 8 : 4);
+    const int r = c.tiles_per_block, w = c.warps ? c.warps : default_warps(r);
     if (r == 1 && w == 8) launch_gemv_shape<BITS, 1, 8>(c, stream);
     else if (r == 2 && w == 4) launch_gemv_shape<BITS, 2, 4>(c, stream);
     else if (c.batch > 8 && r == 3 && w == 8) launch_gemv_shape<BITS, 3, 8, false>(c, stream);

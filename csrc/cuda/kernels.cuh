@@ -72,9 +72,9 @@ struct GemvCall {
     const __half *x = nullptr;   // [batch][ldx] f16, zero beyond in_features
     int64_t ldx = 0;
     int batch = 1;               // 1..16
-    int tiles_per_block = 1;     // 1, 2 (SWIGLU: 2), or 3 and 4 (9-16 columns; launch_gemv)
+    int tiles_per_block = 1;     // 1, 2 (SWIGLU: 2); at 9-16 columns also 3, 4 (launch_gemv picks)
     bool early_reads = true;     // the epilogue's global reads overlap the first pass (launch_gemv)
-    int warps = 0;               // warps per block; 0: 8 for one tile, else 4 (launch_gemv: 8, 16)
+    int warps = 0;               // warps per block; 0: 8 for one tile, else 4 (launch_gemv picks)
     Epilogue epi;
 };
 
@@ -83,7 +83,8 @@ void launch_gemv(const GemvCall &call, int num_sms, cudaStream_t stream);
 // PUMICE_CUDA_EARLY_READS=0 leaves the epilogue's reads at its end (comparisons; a captured step
 // keys on it).
 bool early_epilogue_reads_enabled();
-// PUMICE_CUDA_WIDE_TILES=0: no four-tile blocks at 9-16 columns (comparisons; keyed like the above).
+// PUMICE_CUDA_WIDE_TILES=0: none of the multi-tile shapes of 9-16 columns (comparisons; keyed like
+// the above).
 bool wide_tiles_enabled();
 // PUMICE_CUDA_THREE_TILES=0: no three-tile blocks at 9-16 columns (comparisons; keyed likewise).
 bool three_tiles_enabled();
