@@ -252,7 +252,9 @@ __global__ void __launch_bounds__(W * 32, (R == 1 && NT == 1) || R == 3 ? 2 : 0)
     const int64_t units = w.units;
     // Units in flight per warp: every load of a pass (codes, scales, activations) is issued
     // before the first is used, so small matrices (a few units per warp) are not latency-bound.
-    constexpr int U = NT == 1 ? 4 : R >= 3 || W == 16 ? 1 : 2;
+    // Three for 3-bit one-tile blocks: four, with the second code plane, spilled at the
+    // two-blocks-per-SM register cap.
+    constexpr int U = NT == 1 ? (BITS == 3 && R == 1 ? 3 : 4) : R >= 3 || W == 16 ? 1 : 2;
     bool waited = false;
     for (int64_t u0 = warp; u0 < units; u0 += U * kWarps) {
         uint4 q[U][R];
