@@ -259,17 +259,41 @@ def step_variants(model, vocab: int, steps: int) -> dict:
     return out
 
 
+def session_step_s(session, sampling, steps: int, warm: int = 0) -> float:
+    """Seconds per decode step of one session sampling on the device (only the token id crosses
+    to the host), over `steps` steps after `warm` untimed ones."""
+    tok = 3
+    for _ in range(warm):
+        tok = session.forward_sample([tok], sampling)
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = session.forward_sample([tok], sampling)
+    return (time.perf_counter() - t) / steps
+
+
+def batch_step_s(sessions, sampling, steps: int, warm: int = 0) -> float:
+    """Seconds per decode_batch_sample step of `sessions` (one token each, sampled on the device),
+    over `steps` steps after `warm` untimed ones."""
+    from pumice.runtime.native import decode_batch_sample
+    toks, samplings = [3] * len(sessions), [sampling] * len(sessions)
+    for _ in range(warm):
+        toks = decode_batch_sample(sessions, toks, samplings)
+    t = time.perf_counter()
+    for _ in range(steps):
+        toks = decode_batch_sample(sessions, toks, samplings)
+    return (time.perf_counter() - t) / steps
+
+
 def batch16_variants(model, vocab: int, steps: int) -> dict:
     """Batch-16 step time (ms; greedy on the device, only ids copied) per main setting: the
     fastest of five runs (settings differ by less than the run-to-run spread of a median)."""
-    from pumice.runtime.native import NativeSampling, decode_batch_sample
+    from pumice.runtime.native import NativeSampling
     rng = np.random.default_rng(3)
     sessions = [model.new_session(N_CTX) for _ in range(16)]
     for si in sessions:
         si.forward(rng.integers(0, vocab, 32).tolist())
-    greedy = [NativeSampling(temperature=0.0)] * 16
-    for _ in range(3 * steps):  # the first setting measured is not to pay for warming up
-        decode_batch_sample(sessions, [3] * 16, greedy)
+    greedy = NativeSampling(temperature=0.0)
+    batch_step_s(sessions, greedy, 3 * steps)  # warm-up: the first setting is not to pay for it
     out = {}
     for name, env in BATCH16_VARIANTS.items():
         with _env(env):
@@ -277,13 +301,7 @@ def batch16_variants(model, vocab: int, steps: int) -> dict:
             for _ in range(5):
                 for si in sessions:
                     si.truncate(32)
-                toks = [3] * 16
-                for _ in range(3):
-                    toks = decode_batch_sample(sessions, toks, greedy)
-                t = time.perf_counter()
-                for _ in range(steps):
-                    toks = decode_batch_sample(sessions, toks, greedy)
-                times.append((time.perf_counter() - t) / steps)
+                times.append(batch_step_s(sessions, greedy, steps, warm=3))
             out[name] = float(np.min(times)) * 1e3
     for si in sessions:
         si.close()
@@ -294,7 +312,6 @@ def long_context_steps(model, s2k, vocab: int, greedy, quick: bool) -> dict:
     """Decode steps (ms) where attention is a large part (median of three runs): one session at
     ~2048 positions through the chain of launches (the persistent step has its own attention),
     and 16 sessions at ~1024 positions."""
-    from pumice.runtime.native import decode_batch_sample
     rng = np.random.default_rng(4)
     sessions = []
     for _ in range(16):
@@ -306,23 +323,11 @@ def long_context_steps(model, s2k, vocab: int, greedy, quick: bool) -> dict:
     with _env({"PUMICE_CUDA_PERSISTENT": "0"}):
         for _ in range(3):
             s2k.truncate(2048)
-            tok = 3
-            for _ in range(2):
-                tok = s2k.forward_sample([tok], greedy)
-            t = time.perf_counter()
-            for _ in range(steps):
-                tok = s2k.forward_sample([tok], greedy)
-            b1.append((time.perf_counter() - t) / steps)
+            b1.append(session_step_s(s2k, greedy, steps, warm=2))
     for _ in range(3):
         for si in sessions:
             si.truncate(1024)
-        toks = [3] * 16
-        for _ in range(2):
-            toks = decode_batch_sample(sessions, toks, [greedy] * 16)
-        t = time.perf_counter()
-        for _ in range(steps):
-            toks = decode_batch_sample(sessions, toks, [greedy] * 16)
-        b16.append((time.perf_counter() - t) / steps)
+        b16.append(batch_step_s(sessions, greedy, steps, warm=2))
     for si in sessions:
         si.close()
     return {"b1_chained_ctx2048": float(np.median(b1)) * 1e3, "b16_ctx1024": float(np.median(b16)) * 1e3}
@@ -330,7 +335,7 @@ def long_context_steps(model, s2k, vocab: int, greedy, quick: bool) -> dict:
 
 def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quick: bool) -> dict:
     import torch
-    from pumice.runtime.native import NativeModel, NativeSampling, decode_batch, decode_batch_sample
+    from pumice.runtime.native import NativeModel, NativeSampling, decode_batch
     torch.cuda.init()
     c = full_config(SHAPES[shape_name])
     base = gpu_used_bytes()
@@ -352,28 +357,20 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     # transformers' generate, whose argmax also runs on the GPU).
     greedy = NativeSampling(temperature=0.0)
 
-    def greedy_decode(session, first: int, steps: int) -> float:
-        tok = first
-        t = time.perf_counter()
-        for _ in range(steps):
-            tok = session.forward_sample([tok], greedy)
-        return (time.perf_counter() - t) / steps
-
     # batch 1
     s = model.new_session(N_CTX)
     s.forward(rng.integers(0, c["vocab_size"], 32).tolist())
-    greedy_decode(s, 3, 8)
+    session_step_s(s, greedy, 8)  # warm-up
     # Each batch size: the median of three runs (single runs of the same build spread by 20%).
     steps_1 = []
     for _ in range(3):
         s.truncate(40)
-        steps_1.append(greedy_decode(s, 3, n_steps))
+        steps_1.append(session_step_s(s, greedy, n_steps))
     step = float(np.median(steps_1))
     sample()
     res["decode"] = {"1": {"step_ms": step * 1e3, "tok_s": 1.0 / step, "context": 40 + n_steps // 2}}
     with _env({"PUMICE_CUDA_PERSISTENT": "0"}):
-        greedy_decode(s, 3, 8)
-        step_c = greedy_decode(s, 3, n_steps)
+        step_c = session_step_s(s, greedy, n_steps, warm=8)
     res["decode_b1_chained"] = {"step_ms": step_c * 1e3, "tok_s": 1.0 / step_c}
     res["profile_b1"] = kernel_profile(lambda t: s.forward([5 + t]))
     s.close()
@@ -392,18 +389,13 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
             si = model.new_session(N_CTX)
             si.forward(rng.integers(0, c["vocab_size"], 32).tolist())
             sessions.append(si)
-        toks = [3] * b
-        for _ in range(4):
-            toks = decode_batch_sample(sessions, toks, [greedy] * b)
+        batch_step_s(sessions, greedy, 4)  # warm-up
         steps = n_steps // 2
         runs = []
         for _ in range(3):
             for si in sessions:
                 si.truncate(36)
-            t = time.perf_counter()
-            for _ in range(steps):
-                toks = decode_batch_sample(sessions, toks, [greedy] * b)
-            runs.append((time.perf_counter() - t) / steps)
+            runs.append(batch_step_s(sessions, greedy, steps))
         dt = float(np.median(runs))
         sample()
         res["decode"][str(b)] = {"step_ms": dt * 1e3, "tok_s": b / dt, "context": 32 + 4 + steps // 2}
@@ -423,7 +415,7 @@ def pumice_worker(path: str, shape_name: str, kind: str, linear_bytes: int, quic
     sample()
     pre = float(np.median(times))
     res["prefill"] = {"tokens": PREFILL, "s": pre, "tok_s": PREFILL / pre}
-    step = greedy_decode(s, 3, 32)
+    step = session_step_s(s, greedy, 32)
     res["decode_ctx2048"] = {"step_ms": step * 1e3, "tok_s": 1.0 / step}
     res["long_context_ms"] = long_context_steps(model, s, c["vocab_size"], greedy, quick)
     s.close()
