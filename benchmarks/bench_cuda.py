@@ -192,9 +192,11 @@ STEP_VARIANTS = {
     "no_wide_tiles": {"PUMICE_CUDA_WIDE_TILES": "0"},
 }
 # What the persistent step's parts cost: GEMVs alone with parts left out (PUMICE_CUDA_PERSISTENT_SKIP
-# bits: 1 the multiplications, 2 the epilogues, 4 the grid barriers, 8 the image staging).
+# bits: 1 the multiplications, 2 the epilogues, 4 the grid barriers, 8 the image staging, 16 the
+# weight stream: the consumers' own pace).
 for _bits, _name in ((1, "math"), (2, "epilogues"), (4, "barriers"), (8, "staging"), (10, "epilogues+staging"),
-                     (11, "all_but_barriers"), (14, "all_but_math"), (15, "all")):
+                     (11, "all_but_barriers"), (14, "all_but_math"), (15, "all"), (16, "stream"),
+                     (20, "stream+barriers"), (30, "all_but_math+stream")):
     STEP_VARIANTS[f"gemv_only_persistent_skip_{_name}"] = {
         "PUMICE_CUDA_STEP": "gemv", "PUMICE_CUDA_PERSISTENT": "1", "PUMICE_CUDA_PERSISTENT_SKIP": str(_bits)}
 # One matrix of every layer (and the head) alone: per-shape bandwidth.

@@ -95,34 +95,61 @@ __device__ __forceinline__ int chunks_per_block(const PersistentMatrix &m) {
     return (m.tiles_per_block * m.units + kChunk - 1) / kChunk;
 }
 
-// The producer: every matrix's items of this SM in order, into the ring.
+// A position in the ring, with its stage and the parity of that stage's round, advanced without
+// divisions (the stage count is a launch parameter, and a division per item sat on the
+// consumers' critical path).
+struct RingCursor {
+    int pos = 0, stage = 0;
+    unsigned parity = 0;
+    __device__ __forceinline__ void advance(int stages) {
+        ++pos;
+        if (++stage == stages) {
+            stage = 0;
+            parity ^= 1u;
+        }
+    }
+};
+
+// The producer: every matrix's items of this SM in order, into the ring. Each matrix's
+// description is copied into registers first: read through its reference, every field came
+// back from global memory after each asm statement's memory clobber.
 __device__ void produce(const PersistentStep &p, unsigned char *ring, uint64_t *full, uint64_t *empty) {
-    int it = 0;
+    RingCursor cur;
+    const int stages = p.stages;
+    const bool stream = !(p.skip & kPersistentSkipStream);
     for (int l = 0; l < p.n_layers; ++l) {
         const PersistentLayer &L = p.layers[l];
         const int n_mats = 4 + (l + 1 == p.n_layers ? p.n_head_parts : 0);
         for (int mi = 0; mi < n_mats; ++mi) {
-            const PersistentMatrix &m = mi == 0   ? L.qkv
-                                        : mi == 1 ? L.o
-                                        : mi == 2 ? L.gate_up
-                                        : mi == 3 ? L.down
-                                                  : p.head[mi - 4];
+            const PersistentMatrix m = mi == 0   ? L.qkv
+                                       : mi == 1 ? L.o
+                                       : mi == 2 ? L.gate_up
+                                       : mi == 3 ? L.down
+                                                 : p.head[mi - 4];
             const int per_block = m.tiles_per_block * m.units, n_chunks = chunks_per_block(m);
             const int n_items = owned_row_blocks(m) * n_chunks;
-            for (int j = 0; j < n_items; ++j, ++it) {
-                const int st = it % p.stages;
-                if (it >= p.stages) mbar_wait(&empty[st], ((it / p.stages) & 1) ^ 1);
-                const int rb = static_cast<int>(blockIdx.x) + (j / n_chunks) * static_cast<int>(gridDim.x);
-                const int c = j % n_chunks;
+            int rb = static_cast<int>(blockIdx.x), c = 0;
+            for (int j = 0; j < n_items; ++j) {
+                if (cur.pos >= stages) mbar_wait(&empty[cur.stage], cur.parity ^ 1u);
                 const int n = min(kChunk, per_block - c * kChunk);
                 const int64_t u0 = static_cast<int64_t>(rb) * per_block + c * kChunk;
-                unsigned char *dst = ring + static_cast<size_t>(st) * p.stage_bytes;
-                asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(&full[st])),
-                             "r"(n * (512 + m.scale_bytes_per_unit))
-                             : "memory");
-                bulk_copy(dst, m.codes + u0 * 32, n * 512, &full[st]);
-                bulk_copy(dst + kChunk * 512, m.scales + u0 * m.scale_bytes_per_unit, n * m.scale_bytes_per_unit,
-                          &full[st]);
+                uint64_t *bar = &full[cur.stage];
+                if (stream) {
+                    unsigned char *dst = ring + static_cast<size_t>(cur.stage) * p.stage_bytes;
+                    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+                                 "r"(n * (512 + m.scale_bytes_per_unit))
+                                 : "memory");
+                    bulk_copy(dst, m.codes + u0 * 32, n * 512, bar);
+                    bulk_copy(dst + kChunk * 512, m.scales + u0 * m.scale_bytes_per_unit, n * m.scale_bytes_per_unit,
+                              bar);
+                } else {
+                    mbar_arrive(bar);
+                }
+                if (++c == n_chunks) {
+                    c = 0;
+                    rb += static_cast<int>(gridDim.x);
+                }
+                cur.advance(stages);
             }
         }
     }
@@ -260,9 +287,10 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
 // items run. (Splitting each SM's last item over both groups, to shorten the drain before the
 // barrier, measured slower.)
 template <class Epilogue>
-__device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m, int &it, unsigned char *ring,
+__device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m_ref, RingCursor &cur, unsigned char *ring,
                            uint64_t *full, uint64_t *empty, const uint4 *img_s, const float4 *runs_s, float *red,
                            SmState &st, const float *gain, Epilogue epi) {
+    const PersistentMatrix m = m_ref;  // in registers (see produce)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (gain && warp < owned_row_blocks(m) && lane < 16) {
         const int row = (static_cast<int>(blockIdx.x) + warp * static_cast<int>(gridDim.x)) * 16 + lane;
@@ -274,13 +302,13 @@ __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m, i
     const int per_block = m.tiles_per_block * m.units, n_chunks = chunks_per_block(m);
     const int n_items = owned_row_blocks(m) * n_chunks;
     const int scale_slot = (quad * m.scale_bytes_per_unit / 256) * 8 + col;
-    for (int j = 0; j < n_items; ++j) {
-        const int pos = it + j;
-        if (pos % kGroups != group) continue;
-        const int st = pos % p.stages;
-        mbar_wait(&full[st], (pos / p.stages) & 1);
-        const unsigned char *base = ring + static_cast<size_t>(st) * p.stage_bytes;
-        const int c = j % n_chunks, n = min(kChunk, per_block - c * kChunk);
+    const int stages = p.stages;
+    // Item j is chunk c of its row block.
+    for (int j = 0, c = 0; j < n_items; ++j, c = c + 1 == n_chunks ? 0 : c + 1, cur.advance(stages)) {
+        if (cur.pos % kGroups != group) continue;
+        mbar_wait(&full[cur.stage], cur.parity);
+        const unsigned char *base = ring + static_cast<size_t>(cur.stage) * p.stage_bytes;
+        const int n = min(kChunk, per_block - c * kChunk);
         // The warp's units into registers, the stage handed back, then the multiplications
         // (reading the units in place instead, holding the stage longer, measured 15% slower).
         uint4 q[kUnitsPerWarp];
@@ -291,16 +319,20 @@ __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m, i
             if (idx < n) {
                 q[w] = reinterpret_cast<const uint4 *>(base)[idx * 32 + lane];
                 sm[w] = reinterpret_cast<const uint2 *>(base + kChunk * 512 + idx * m.scale_bytes_per_unit)[scale_slot];
+            } else {
+                q[w] = make_uint4(0, 0, 0, 0);  // a zero scale and min: adds exactly nothing
+                sm[w] = make_uint2(0, 0);
             }
         }
         __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[st]);
+        if (lane == 0) mbar_arrive(&empty[cur.stage]);
         float lo[2] = {0.f, 0.f}, hi[2] = {0.f, 0.f};
         if (!(p.skip & kPersistentSkipMath)) {
 #pragma unroll
             for (int w = 0; w < kUnitsPerWarp; ++w) {
-                const int idx = gwarp + w * kGroupWarps;
-                if (idx >= n) break;
+                // Every unit slot computes, a missing one on zeros: without a branch per unit the
+                // compiler overlaps the units' loads and mmas.
+                const int idx = min(gwarp + w * kGroupWarps, n - 1);
                 // A row block holds one or two tiles (no division on this path).
                 const int pu = c * kChunk + idx, t = pu >= m.units ? 1 : 0, u = pu - t * m.units;
                 float a = 0.f, b = 0.f;
@@ -326,7 +358,6 @@ __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m, i
             r[24 + col] = hi[1];
         }
     }
-    it += n_items;
     if (gain) wait_async_copies();
     consumers_sync();
     const int owned = owned_row_blocks(m);
@@ -560,7 +591,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
     consumers_sync();
     if (warp < owned) residual_tile(p, st, warp, 0.f, false);
     unsigned target = 0;
-    int it = 0;
+    RingCursor it;
     grid_barrier(p, target);
 
     for (int l = 0; l < p.n_layers; ++l) {

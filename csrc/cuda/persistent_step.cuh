@@ -78,6 +78,7 @@ enum PersistentSkip : int {
     kPersistentSkipEpilogue = 2,   // no epilogues (no outputs, images, residual updates)
     kPersistentSkipBarriers = 4,   // no grid barriers
     kPersistentSkipStaging = 8,    // no copies of the image into shared memory, no norm scales
+    kPersistentSkipStream = 16,    // the producer hands over stages without copying weights into them
 };
 
 constexpr int kMaxPersistentSplits = 1024;
