@@ -30,9 +30,9 @@ constexpr uint32_t kHalf1024x2 = 0x64006400u;  // half2(1024, 1024)
 template <int BITS>
 __device__ __forceinline__ uint32_t code_pair(const uint4 &q, const uint2 &q1, int t, int r, uint32_t bias = 0) {
     if constexpr (BITS == 2) {
-        return mask_or<0x00030003u>(word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r)), bias);
+        return mask_or<0x00030003u>(word_of(q, r) >> code2_bit(t), bias);
     } else if constexpr (BITS == 3) {
-        const uint32_t low = (word_of(q, t / 2) >> (2 * ((t % 2) * 4 + r))) & 0x00030003u;
+        const uint32_t low = (word_of(q, r) >> code2_bit(t)) & 0x00030003u;
         const uint32_t w1 = (t / 4) == 0 ? q1.x : q1.y;
         return low | (((w1 >> ((t % 4) * 4 + r)) & 0x00010001u) << 2) | bias;
     } else if constexpr (BITS == 4) {

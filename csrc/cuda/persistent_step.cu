@@ -8,14 +8,16 @@
 // row block's items (32-unit chunks) all run on that SM and meet in shared memory in a fixed
 // order (results do not depend on timing). docs/CUDA.md has the design and its measurements.
 //
-// The int8 mma (m16n8k32) takes one 32-bit word of a lane's 2-bit codes as its A fragment:
-// register s = (w >> 2s) & 0x03030303 holds the codes of row g + 8 (s % 2) at the quad's inputs
-// 8j + {0, 4, 1, 5} (s < 2) or 8j + {2, 6, 3, 7} (s >= 2) of word j (tiled_weight.cuh). Words 0
-// and 1 cover the first 16 inputs of the quad's 32-input run, words 2 and 3 the last 16. Column
-// 2q of the mma carries quad q's first half of the activation (fed by lane 9q for words 0-1,
-// zero otherwise) and column 2q + 1 its second half (lane 9q + 4, words 2-3): every accumulator
-// sums 16 inputs of one image half, whose scale is applied after. B's bytes for word j are the
-// inputs in A's order, so an image half stores input o at byte 8 (o / 8) + 2 (o % 4) + (o % 8) / 4.
+// The int8 mma (m16n8k32, A unsigned) takes the lane's four words of 2-bit codes, each masked
+// with 0x03030303 << 2j, as its A fragment (mma j; no shifts: tiled_weight.cuh orders the codes
+// for it): register r holds the codes of row g + 8 (r % 2), times 4^j, at the quad's inputs
+// 8j + {0, 4, 1, 5} (r < 2) or 8j + {2, 6, 3, 7} (r >= 2). Mmas 0 and 1 cover the first 16
+// inputs of the quad's 32-input run, mmas 2 and 3 the last 16. Column 2q of the mma carries
+// quad q's first half of the activation (fed by lane 9q for mmas 0-1, zero otherwise) and column
+// 2q + 1 its second half (lane 9q + 4, mmas 2-3), so mmas 0 and 2 share one accumulator, 1 and 3
+// another (columns apart), and each column sums 16 inputs of one image half; 4 ca + cb leaves
+// one power of 4 per half, which its scale takes back. B's bytes for mma j are the inputs in
+// A's order, so an image half stores input o at byte 8 (o / 8) + 2 (o % 4) + (o % 8) / 4.
 // With codes c (0..3), w = s c + m and x ~ d q: sum(w x) ~ s (d sum(c q) + 1.5 (X - d Q)) + m X,
 // the 1.5 (X - d Q) term carrying the quantization error of x's mean (codes average 1.5).
 #include "persistent_step.cuh"
@@ -158,30 +160,35 @@ __device__ void produce(const PersistentStep &p, unsigned char *ring, uint64_t *
 // One unit of a lane: codes q, the {scale, min} pair of its rows g and g + 8 for its quad's
 // group, the image halves h0 and h0 + 1 of its quad. Adds to the rows' sums (per lane, summed
 // over the quad later).
-__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t w, uint32_t b0, uint32_t b1) {
+template <int J>
+__device__ __forceinline__ void mma_level(int (&c)[4], const uint4 &q, uint32_t b0, uint32_t b1) {
+    constexpr uint32_t kMask = 0x03030303u << (2 * J);
     asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(w & 0x03030303u), "r"((w >> 2) & 0x03030303u), "r"((w >> 4) & 0x03030303u), "r"((w >> 6) & 0x03030303u),
-          "r"(b0), "r"(b1));
+        : "r"(q.x & kMask), "r"(q.y & kMask), "r"(q.z & kMask), "r"(q.w & kMask), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const uint4 *img, const float4 *runs, int h0,
                                          bool first, bool second, float &lo, float &hi) {
-    // Lanes 9q feed words 0-1 (the first half), lanes 9q + 4 words 2-3; every other lane zeros.
+    // Lanes 9q feed mmas 0-1 (the first half), lanes 9q + 4 mmas 2-3; every other lane zeros.
     const uint4 zero = make_uint4(0, 0, 0, 0);
     const uint4 b_first = first ? img[h0] : zero, b_second = second ? img[h0 + 1] : zero;
-    // Two accumulator sets (words 0-1, words 2-3): mma chains of two instead of four.
-    int c01[4] = {0, 0, 0, 0}, c23[4] = {0, 0, 0, 0};
-    mma_s8(c01, q.x, b_first.x, b_first.y);
-    mma_s8(c23, q.z, b_second.x, b_second.y);
-    mma_s8(c01, q.y, b_first.z, b_first.w);
-    mma_s8(c23, q.w, b_second.z, b_second.w);
+    // Codes times 1 (column 2q) and 16 (2q + 1) in ca, times 4 and 64 in cb.
+    int ca[4] = {0, 0, 0, 0}, cb[4] = {0, 0, 0, 0};
+    mma_level<0>(ca, q, b_first.x, b_first.y);
+    mma_level<1>(cb, q, b_first.z, b_first.w);
+    mma_level<2>(ca, q, b_second.x, b_second.y);
+    mma_level<3>(cb, q, b_second.z, b_second.w);
+    // 4 ca + cb is the first half's sum times 4 (column 2q) or the second's times 64 (2q + 1),
+    // which the halves' .w scales (d / 4 for even halves, d / 64 for odd) take back.
     const float4 r0 = runs[h0], r1 = runs[h0 + 1];
     const float2 slo = __half22float2(u32_as_half2(sm.x)), shi = __half22float2(u32_as_half2(sm.y));
     const float x_sum = r0.z + r1.z;
-    lo += slo.x * (fmaf(r0.x, static_cast<float>(c01[0]), r0.y) + fmaf(r1.x, static_cast<float>(c23[1]), r1.y)) + slo.y * x_sum;
-    hi += shi.x * (fmaf(r0.x, static_cast<float>(c01[2]), r0.y) + fmaf(r1.x, static_cast<float>(c23[3]), r1.y)) + shi.y * x_sum;
+    const float lo0 = static_cast<float>(4 * ca[0] + cb[0]), lo1 = static_cast<float>(4 * ca[1] + cb[1]);
+    const float hi0 = static_cast<float>(4 * ca[2] + cb[2]), hi1 = static_cast<float>(4 * ca[3] + cb[3]);
+    lo += slo.x * (fmaf(r0.w, lo0, r0.y) + fmaf(r1.w, lo1, r1.y)) + slo.y * x_sum;
+    hi += shi.x * (fmaf(r0.w, hi0, r0.y) + fmaf(r1.w, hi1, r1.y)) + shi.y * x_sum;
 }
 
 // Writes image half `half` from E values per lane, held by 16 / E consecutive lanes (sub =
@@ -217,7 +224,7 @@ __device__ void write_image(const float (&x)[E], bool write, int half, int sub, 
     }
     if (sub == 0) {
         const float d = amax / 127.f;
-        runs[half] = make_float4(d, 1.5f * (xs - d * qs), xs, 0.f);
+        runs[half] = make_float4(d, 1.5f * (xs - d * qs), xs, d * (half % 2 ? 1.f / 64.f : 0.25f));
     }
 }
 

@@ -55,8 +55,7 @@ __global__ void repack_codes_kernel(const RepackSource s, uint4 *codes, uint2 *p
                 } else {
                     const uint32_t c = rtn_code(s, BITS, row, k);
                     if constexpr (BITS == 2 || BITS == 3) {
-                        const int i = (t % 2) * 4 + r;
-                        word[t / 2] |= (c & 3u) << (2 * i + 16 * h);
+                        word[r] |= (c & 3u) << (code2_bit(t) + 16 * h);
                         if constexpr (BITS == 3) {
                             const int j = (t % 4) * 4 + r;
                             word1[t / 4] |= ((c >> 2) & 1u) << (j + 16 * h);

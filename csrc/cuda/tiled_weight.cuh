@@ -13,8 +13,11 @@
 //       k-tile t its four entries (r/2, h) are inputs 4t + 2*(r/2) + h of that range. A lane's
 //       activations for a whole unit are then one contiguous run (16-byte loads, no shuffles),
 //       and lie in one quantization group (one scale load per unit).
-//       bits 2  : KU = 128 (8 k-tiles). Word j holds k-tiles 2j, 2j+1; slot i = (t%2)*4 + r;
-//                 low code at bits 2i, high code at bits 16+2i.
+//       bits 2  : KU = 128 (8 k-tiles). Word r holds register r of every k-tile: the code of
+//                 (t, h) at bit code2_bit(t) + 16h = 2(t/2) + 8(t%2) + 16h. Read as bytes, the
+//                 mask 0x03030303 << 2j over the four words is k-tiles 2j, 2j+1 of all four
+//                 registers: one int8 mma A fragment (times 4^j) with no shift at all
+//                 (persistent_step.cu); the f16 decoders shift as for any other order.
 //       bits 3  : as bits 2 for the low two bits of each code, plus an 8-byte plane per lane
 //                 with the third bit: word j holds k-tiles 4j..4j+3, slot i = (t%4)*4 + r,
 //                 bit i (low half) and 16+i (high half).
@@ -42,6 +45,8 @@ __host__ __device__ constexpr int unit_k(int bits) {
     return bits == 2 || bits == 3 ? 128 : bits == 4 ? 64 : bits == 8 ? 32 : 16;
 }
 __host__ __device__ constexpr int unit_ktiles(int bits) { return unit_k(bits) / 16; }
+// Bit of k-tile t's low code in word r of a 2-bit unit (bits 2, and the low plane of bits 3).
+__host__ __device__ constexpr int code2_bit(int t) { return 2 * (t / 2) + 8 * (t % 2); }
 
 // Where a lane's (register, half) of a k-tile sits inside the tile.
 __host__ __device__ inline int frag_row(int lane, int r) { return lane / 4 + 8 * (r % 2); }
