@@ -3,6 +3,8 @@
 # run the benchmark. Everything it reports lands in $OUT (default /tmp/pumice-cuda-out).
 #
 #   benchmarks/cuda_device_run.sh [all|build|test|bench] [extra bench_cuda.py arguments]
+#   benchmarks/cuda_device_run.sh ab --libs DIR... [extra step_ab.py arguments]
+#       batch-1 step times of several prebuilt library folders, alternating processes
 #   benchmarks/cuda_device_run.sh profile [extra profile_gemv.py arguments]
 #       Nsight Compute on the GEMV launches of a 2-layer model (NCU_ARGS to override the
 #       sections, launch counts or kernel filter); the report text lands in $OUT/ncu.txt
@@ -66,6 +68,10 @@ fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     PUMICE_VERBOSE=1 python3 benchmarks/bench_cuda.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
+
+if [ "$WHAT" = ab ]; then
+    python3 benchmarks/step_ab.py "$@" 2>&1 | tee "$OUT/step_ab.log" | tail -30
 fi
 
 if [ "$WHAT" = profile ]; then

@@ -158,8 +158,8 @@ __device__ void produce(const PersistentStep &p, unsigned char *ring, uint64_t *
 }
 
 // One unit of a lane: codes q, the {scale, min} pair of its rows g and g + 8 for its quad's
-// group, the image halves h0 and h0 + 1 of its quad. Adds to the rows' sums (per lane, summed
-// over the quad later).
+// group, the image halves h0 and h0 + 1 of its quad (even h0) and their pair record (see
+// stage_image). Adds to the rows' sums (per lane, summed over the quad later).
 template <int J>
 __device__ __forceinline__ void mma_level(int (&c)[4], const uint4 &q, uint32_t b0, uint32_t b1) {
     constexpr uint32_t kMask = 0x03030303u << (2 * J);
@@ -169,7 +169,7 @@ __device__ __forceinline__ void mma_level(int (&c)[4], const uint4 &q, uint32_t 
         : "r"(q.x & kMask), "r"(q.y & kMask), "r"(q.z & kMask), "r"(q.w & kMask), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const uint4 *img, const float4 *runs, int h0,
+__device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const uint4 *img, const float4 *pairs, int h0,
                                          bool first, bool second, float &lo, float &hi) {
     // Lanes 9q feed mmas 0-1 (the first half), lanes 9q + 4 mmas 2-3; every other lane zeros.
     const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -180,15 +180,13 @@ __device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const 
     mma_level<1>(cb, q, b_first.z, b_first.w);
     mma_level<2>(ca, q, b_second.x, b_second.y);
     mma_level<3>(cb, q, b_second.z, b_second.w);
-    // 4 ca + cb is the first half's sum times 4 (column 2q) or the second's times 64 (2q + 1),
-    // which the halves' .w scales (d / 4 for even halves, d / 64 for odd) take back.
-    const float4 r0 = runs[h0], r1 = runs[h0 + 1];
+    // 4 ca + cb is the first half's sum times 4 (column 2q) or the second's times 64 (2q + 1).
+    const float4 r = pairs[h0 / 2];
     const float2 slo = __half22float2(u32_as_half2(sm.x)), shi = __half22float2(u32_as_half2(sm.y));
-    const float x_sum = r0.z + r1.z;
     const float lo0 = static_cast<float>(4 * ca[0] + cb[0]), lo1 = static_cast<float>(4 * ca[1] + cb[1]);
     const float hi0 = static_cast<float>(4 * ca[2] + cb[2]), hi1 = static_cast<float>(4 * ca[3] + cb[3]);
-    lo += slo.x * (fmaf(r0.w, lo0, r0.y) + fmaf(r1.w, lo1, r1.y)) + slo.y * x_sum;
-    hi += shi.x * (fmaf(r0.w, hi0, r0.y) + fmaf(r1.w, hi1, r1.y)) + shi.y * x_sum;
+    lo = fmaf(slo.x, fmaf(r.w, lo1, fmaf(r.z, lo0, r.y)), fmaf(slo.y, r.x, lo));
+    hi = fmaf(shi.x, fmaf(r.w, hi1, fmaf(r.z, hi0, r.y)), fmaf(shi.y, r.x, hi));
 }
 
 // Writes image half `half` from E values per lane, held by 16 / E consecutive lanes (sub =
@@ -224,17 +222,25 @@ __device__ void write_image(const float (&x)[E], bool write, int half, int sub, 
     }
     if (sub == 0) {
         const float d = amax / 127.f;
-        runs[half] = make_float4(d, 1.5f * (xs - d * qs), xs, d * (half % 2 ? 1.f / 64.f : 0.25f));
+        runs[half] = make_float4(d, 1.5f * (xs - d * qs), xs, 0.f);
     }
 }
 
-// The shared-memory copy of an image (halves = inputs / 16), read from L2.
+// The shared-memory copy of an image (halves = inputs / 16, even), read from L2. A unit's quad
+// takes halves 2i and 2i + 1 together, so their records become one per pair, with what
+// unit_dot adds up front: pairs_s[i] = {X0 + X1, e0 + e1, d0 / 4, d1 / 64} (e = 1.5 (X - d Q);
+// the powers of 4 are those mma_level leaves in each half's sum).
 __device__ void stage_image(const PersistentStep &p, const uint4 *img, const float4 *runs, int halves, uint4 *img_s,
-                            float4 *runs_s) {
+                            float4 *pairs_s) {
     if (p.skip & kPersistentSkipStaging) return;
-    for (int i = threadIdx.x; i < halves; i += kConsumerThreads) {
-        img_s[i] = __ldcg(img + i);
-        runs_s[i] = __ldcg(runs + i);
+    // One loop, all four loads of a pair issued together: this copy sits between a grid barrier
+    // and the first item of the next matrix (two loops, halves then pairs, measured slower).
+    for (int i = threadIdx.x; i < halves / 2; i += kConsumerThreads) {
+        const uint4 x0 = __ldcg(img + 2 * i), x1 = __ldcg(img + 2 * i + 1);
+        const float4 a = __ldcg(runs + 2 * i), b = __ldcg(runs + 2 * i + 1);
+        img_s[2 * i] = x0;
+        img_s[2 * i + 1] = x1;
+        pairs_s[i] = make_float4(a.z + b.z, a.y + b.y, a.x * 0.25f, b.x * (1.f / 64.f));
     }
 }
 
@@ -253,8 +259,8 @@ __device__ void norm_scale(const PersistentStep &p, SmState &st) {
 // After a barrier: m's input image into shared memory and, for a normed input (QKV, gate/up,
 // the head), the RMSNorm scale its dot products take (1 otherwise).
 __device__ float stage_input(const PersistentStep &p, SmState &st, const uint4 *img, const float4 *runs,
-                             const PersistentMatrix &m, bool normed, uint4 *img_s, float4 *runs_s) {
-    stage_image(p, img, runs, m.units * 8, img_s, runs_s);
+                             const PersistentMatrix &m, bool normed, uint4 *img_s, float4 *pairs_s) {
+    stage_image(p, img, runs, m.units * 8, img_s, pairs_s);
     if (normed) norm_scale(p, st);
     consumers_sync();
     return normed ? st.scale : 1.f;
@@ -293,9 +299,15 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
 // the block. gain (O and down): the next norm's weights, copied for the epilogue while the
 // items run. (Splitting each SM's last item over both groups, to shorten the drain before the
 // barrier, measured slower.)
+// Sum over a lane quad (the four 32-input runs of a unit).
+__device__ __forceinline__ void quad_sum(float &v) {
+    v += __shfl_xor_sync(~0u, v, 1);
+    v += __shfl_xor_sync(~0u, v, 2);
+}
+
 template <class Epilogue>
 __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m_ref, RingCursor &cur, unsigned char *ring,
-                           uint64_t *full, uint64_t *empty, const uint4 *img_s, const float4 *runs_s, float *red,
+                           uint64_t *full, uint64_t *empty, const uint4 *img_s, const float4 *pairs_s, float *red,
                            SmState &st, const float *gain, Epilogue epi) {
     const PersistentMatrix m = m_ref;  // in registers (see produce)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -310,6 +322,8 @@ __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m_re
     const int n_items = owned_row_blocks(m) * n_chunks;
     const int scale_slot = (quad * m.scale_bytes_per_unit / 256) * 8 + col;
     const int stages = p.stages;
+    // Where chunks end at tile ends, an item's units all belong to one tile (the common case).
+    const bool item_in_one_tile = m.tiles_per_block == 1 || m.units % kChunk == 0;
     // Item j is chunk c of its row block.
     for (int j = 0, c = 0; j < n_items; ++j, c = c + 1 == n_chunks ? 0 : c + 1, cur.advance(stages)) {
         if (cur.pos % kGroups != group) continue;
@@ -333,28 +347,39 @@ __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m_re
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[cur.stage]);
+        // Every unit slot computes, a missing one on zeros: without a branch per unit the
+        // compiler overlaps the units' loads and mmas.
         float lo[2] = {0.f, 0.f}, hi[2] = {0.f, 0.f};
-        if (!(p.skip & kPersistentSkipMath)) {
+        if (p.skip & kPersistentSkipMath) {
+        } else if (item_in_one_tile) {
+            const int t = c * kChunk >= m.units ? 1 : 0;
+            float a = 0.f, b = 0.f;
 #pragma unroll
             for (int w = 0; w < kUnitsPerWarp; ++w) {
-                // Every unit slot computes, a missing one on zeros: without a branch per unit the
-                // compiler overlaps the units' loads and mmas.
-                const int idx = min(gwarp + w * kGroupWarps, n - 1);
+                const int u = c * kChunk + min(gwarp + w * kGroupWarps, n - 1) - t * m.units;
+                unit_dot(q[w], sm[w], img_s, pairs_s, u * 8 + 2 * quad, first, second, a, b);
+            }
+            quad_sum(a);
+            quad_sum(b);
+            lo[0] = t ? 0.f : a;  // selects: an index here would put lo and hi in local memory
+            lo[1] = t ? a : 0.f;
+            hi[0] = t ? 0.f : b;
+            hi[1] = t ? b : 0.f;
+        } else {
+#pragma unroll
+            for (int w = 0; w < kUnitsPerWarp; ++w) {
                 // A row block holds one or two tiles (no division on this path).
-                const int pu = c * kChunk + idx, t = pu >= m.units ? 1 : 0, u = pu - t * m.units;
+                const int pu = c * kChunk + min(gwarp + w * kGroupWarps, n - 1), t = pu >= m.units ? 1 : 0;
+                const int u = pu - t * m.units;
                 float a = 0.f, b = 0.f;
-                unit_dot(q[w], sm[w], img_s, runs_s, u * 8 + 2 * quad, first, second, a, b);
+                unit_dot(q[w], sm[w], img_s, pairs_s, u * 8 + 2 * quad, first, second, a, b);
                 if (t == 0) { lo[0] += a; hi[0] += b; }
                 else { lo[1] += a; hi[1] += b; }
             }
-        }
 #pragma unroll
-        for (int t = 0; t < 2; ++t) {
-            if (t == 1 && m.tiles_per_block == 1) break;
-#pragma unroll
-            for (int o = 1; o < 4; o <<= 1) {
-                lo[t] += __shfl_xor_sync(~0u, lo[t], o);
-                hi[t] += __shfl_xor_sync(~0u, hi[t], o);
+            for (int t = 0; t < 2; ++t) {
+                quad_sum(lo[t]);
+                quad_sum(hi[t]);
             }
         }
         if (quad == 0) {
@@ -560,8 +585,8 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
     __shared__ __align__(8) uint64_t full[kMaxStages], empty[kMaxStages];
     unsigned char *ring = smem;
     uint4 *img_s = reinterpret_cast<uint4 *>(smem + static_cast<size_t>(p.stages) * p.stage_bytes);
-    float4 *runs_s = reinterpret_cast<float4 *>(reinterpret_cast<unsigned char *>(img_s) + p.image_bytes);
-    float *red = reinterpret_cast<float *>(reinterpret_cast<unsigned char *>(runs_s) + p.image_bytes);
+    float4 *pairs_s = reinterpret_cast<float4 *>(reinterpret_cast<unsigned char *>(img_s) + p.image_bytes);
+    float *red = reinterpret_cast<float *>(reinterpret_cast<unsigned char *>(pairs_s) + p.image_bytes);
     if (threadIdx.x == 0) {
         for (int i = 0; i < p.stages; ++i) {
             asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
@@ -603,8 +628,8 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
 
     for (int l = 0; l < p.n_layers; ++l) {
         const PersistentLayer &L = p.layers[l];
-        const float s_qkv = stage_input(p, st, p.img_x, p.runs_x, L.qkv, true, img_s, runs_s);
-        run_matrix(p, L.qkv, it, ring, full, empty, img_s, runs_s, red, st, nullptr,
+        const float s_qkv = stage_input(p, st, p.img_x, p.runs_x, L.qkv, true, img_s, pairs_s);
+        run_matrix(p, L.qkv, it, ring, full, empty, img_s, pairs_s, red, st, nullptr,
                    [&](int tile, int, float v) { qkv_tile(p, st, l, tile, v * s_qkv); });
         grid_barrier(p, target);
         if (!p.skip_attention) {
@@ -612,13 +637,13 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
             grid_barrier(p, target);
         }
 
-        stage_input(p, st, p.img_att, p.runs_att, L.o, false, img_s, runs_s);
-        run_matrix(p, L.o, it, ring, full, empty, img_s, runs_s, red, st, L.mlp_norm,
+        stage_input(p, st, p.img_att, p.runs_att, L.o, false, img_s, pairs_s);
+        run_matrix(p, L.o, it, ring, full, empty, img_s, pairs_s, red, st, L.mlp_norm,
                    [&](int, int b, float v) { residual_tile(p, st, b, v, false); });
         grid_barrier(p, target);
 
-        const float s_gu = stage_input(p, st, p.img_x, p.runs_x, L.gate_up, true, img_s, runs_s);
-        run_matrix(p, L.gate_up, it, ring, full, empty, img_s, runs_s, red, st, nullptr, [&](int pair, int, float v) {
+        const float s_gu = stage_input(p, st, p.img_x, p.runs_x, L.gate_up, true, img_s, pairs_s);
+        run_matrix(p, L.gate_up, it, ring, full, empty, img_s, pairs_s, red, st, nullptr, [&](int pair, int, float v) {
             const int lane = threadIdx.x % 32, row = pair * 16 + lane;
             const float up = __shfl_down_sync(~0u, v, 16);
             const float x[1] = {lane < 16 && row < p.inter ? silu(v * s_gu) * (up * s_gu) : 0.f};
@@ -626,18 +651,18 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
         });
         grid_barrier(p, target);
 
-        stage_input(p, st, p.img_act, p.runs_act, L.down, false, img_s, runs_s);
+        stage_input(p, st, p.img_act, p.runs_act, L.down, false, img_s, pairs_s);
         const bool last = l + 1 == p.n_layers, head_after = last && p.n_head_parts == 0;
-        run_matrix(p, L.down, it, ring, full, empty, img_s, runs_s, red, st,
+        run_matrix(p, L.down, it, ring, full, empty, img_s, pairs_s, red, st,
                    last ? p.final_norm : p.layers[l + 1].attn_norm,
                    [&](int, int b, float v) { residual_tile(p, st, b, v, head_after); });
         if (!head_after) grid_barrier(p, target);
     }
     if (p.n_head_parts > 0) {
-        const float s_head = stage_input(p, st, p.img_x, p.runs_x, p.head[0], true, img_s, runs_s);
+        const float s_head = stage_input(p, st, p.img_x, p.runs_x, p.head[0], true, img_s, pairs_s);
         for (int part = 0; part < p.n_head_parts; ++part) {
             const int tile0 = p.head_tile0[part];
-            run_matrix(p, p.head[part], it, ring, full, empty, img_s, runs_s, red, st, nullptr,
+            run_matrix(p, p.head[part], it, ring, full, empty, img_s, pairs_s, red, st, nullptr,
                        [&](int tile, int, float v) {
                            const int row = (tile0 + tile) * 16 + static_cast<int>(threadIdx.x % 32);
                            if (threadIdx.x % 32 < 16 && row < p.vocab) p.logits[row] = v * s_head;

@@ -11,8 +11,8 @@
 //
 // The int8 activation image: every 16 consecutive inputs ("a half", one row tile of the
 // producing matrix) are quantized as q = rint(x / d), d = max|x| / 127, stored in the byte
-// order the mma's B fragments want (see persistent_step.cu), with {d, 1.5 (X - d Q), X, d / 4^k}
-// (X the sum of x, Q of q; k = 1 for even halves, 3 for odd ones: persistent_step.cu). The producing epilogue writes them, so one tile's rows never need
+// order the mma's B fragments want (see persistent_step.cu), with {d, 1.5 (X - d Q), X}
+// (X the sum of x, Q of q). The producing epilogue writes them, so one tile's rows never need
 // another SM's. Only for 2-bit rtn weights whose 32-input runs lie in one quantization group.
 #pragma once
 #include <cuda_fp16.h>
