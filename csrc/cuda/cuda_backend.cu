@@ -72,7 +72,7 @@ bool persistent_requested() {
 // PUMICE_CUDA_PERSISTENT_HEAD=0: the head as its own launch after the kernel (comparisons, tests).
 bool persistent_head() { return !env_is("PUMICE_CUDA_PERSISTENT_HEAD", "0"); }
 // Benchmarks: PUMICE_CUDA_PERSISTENT_SKIP = kPersistentSkip* bits (wrong results, their timing).
-int persistent_skip() { return env_int("PUMICE_CUDA_PERSISTENT_SKIP", 0) & 15; }
+int persistent_skip() { return env_int("PUMICE_CUDA_PERSISTENT_SKIP", 0) & 31; }
 
 // PDL and the fused RMSNorm pay at every column count (docs/CUDA.md, "Decode step"; PDL at 9-16
 // columns only since QKV's three-tile blocks: with 192 four-tile blocks, waiting blocks of the
@@ -89,8 +89,9 @@ int64_t step_variant(int n_cols) {
     return n_cols | (pdl_enabled() ? 1 << 8 : 0) | (fused_norm_enabled() ? 1 << 9 : 0) |
            (early_epilogue_reads_enabled() ? 1 << 10 : 0) | (persistent_requested() ? 1 << 11 : 0) |
            (persistent_head() ? 1 << 12 : 0) | (gemv_only_step() << 13) |
-           (persistent_skip() << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
+           ((persistent_skip() & 15) << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
            (three_tiles_enabled() ? 1 << 24 : 0) | (residual_pairs_mode() << 25) |
+           ((persistent_skip() & 16) ? 1 << 27 : 0) |
            (int64_t(fused_norm_max_cols()) << 32) | (int64_t(pdl_max_cols()) << 40);
 }
 bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }
