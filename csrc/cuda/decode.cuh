@@ -47,6 +47,24 @@ __device__ __forceinline__ __half2 biased_to_half2(uint32_t biased) {
     return __hsub2(u32_as_half2(biased), u32_as_half2(kHalf1024x2));
 }
 
+// 2-bit codes without a shift: in the 2-bit order (tiled_weight.cuh) k-tile t's codes sit at bit
+// 2j (j = t / 2) of a word's low byte of each half (after >> 8 for odd t), and half2(B_j) has
+// the mantissa's bit 2j worth 1 (B_j = 1024, 256, 64, 16), so (w & (3 << 2j)) | B_j is
+// half2(B_j + c) exactly: one LOP3 and the bias's subtraction per two codes.
+__host__ __device__ constexpr uint32_t level_bias(int j) {
+    return j == 0 ? 0x64006400u : j == 1 ? 0x5C005C00u : j == 2 ? 0x54005400u : 0x4C004C00u;
+}
+__device__ __forceinline__ __half2 level_codes(uint32_t w, int j) {
+    uint32_t biased;
+    switch (j) {  // folded after unrolling: the mask stays an immediate
+        case 0: biased = mask_or<0x00030003u>(w, level_bias(0)); break;
+        case 1: biased = mask_or<0x000C000Cu>(w, level_bias(1)); break;
+        case 2: biased = mask_or<0x00300030u>(w, level_bias(2)); break;
+        default: biased = mask_or<0x00C000C0u>(w, level_bias(3)); break;
+    }
+    return __hsub2(u32_as_half2(biased), u32_as_half2(level_bias(j)));
+}
+
 // The four A-fragment registers of k-tile t of a unit. sm = {half2(s,m) row L/4, row L/4+8}.
 template <int BITS>
 __device__ __forceinline__ void decode_ktile(const uint4 &q, const uint2 &q1, int t, uint2 sm,
@@ -59,7 +77,8 @@ __device__ __forceinline__ void decode_ktile(const uint4 &q, const uint2 &q1, in
         const __half2 s_hi = __low2half2(sm_hi), m_hi = __high2half2(sm_hi);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const __half2 c = biased_to_half2(code_pair<BITS>(q, q1, t, r, kHalf1024x2));
+            const __half2 c = BITS == 2 ? level_codes(word_of(q, r) >> (8 * (t % 2)), t / 2)
+                                        : biased_to_half2(code_pair<BITS>(q, q1, t, r, kHalf1024x2));
             const __half2 w = (r % 2 == 0) ? __hfma2(c, s_lo, m_lo) : __hfma2(c, s_hi, m_hi);
             a[r] = half2_as_u32(w);
         }
