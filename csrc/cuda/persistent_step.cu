@@ -293,18 +293,18 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
     }
 }
 
-// One matrix: this SM's items through the ring (group g takes ring positions = g mod 2), the
-// partial sums of each item's warps into red[item][warp][row], then per row block (one warp
-// each) their fixed-order sum into epi(row_block, owned index, v) with lane l holding row l of
-// the block. gain (O and down): the next norm's weights, copied for the epilogue while the
-// items run. (Splitting each SM's last item over both groups, to shorten the drain before the
-// barrier, measured slower.)
 // Sum over a lane quad (the four 32-input runs of a unit).
 __device__ __forceinline__ void quad_sum(float &v) {
     v += __shfl_xor_sync(~0u, v, 1);
     v += __shfl_xor_sync(~0u, v, 2);
 }
 
+// One matrix: this SM's items through the ring (group g takes ring positions = g mod 2), the
+// partial sums of each item's warps into red[item][warp][row], then per row block (one warp
+// each) their fixed-order sum into epi(row_block, owned index, v) with lane l holding row l of
+// the block. gain (O and down): the next norm's weights, copied for the epilogue while the
+// items run. (Splitting each SM's last item over both groups, to shorten the drain before the
+// barrier, measured slower.)
 template <class Epilogue>
 __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m_ref, RingCursor &cur, unsigned char *ring,
                            uint64_t *full, uint64_t *empty, const uint4 *img_s, const float4 *pairs_s, float *red,
@@ -350,36 +350,37 @@ __device__ void run_matrix(const PersistentStep &p, const PersistentMatrix &m_re
         // Every unit slot computes, a missing one on zeros: without a branch per unit the
         // compiler overlaps the units' loads and mmas.
         float lo[2] = {0.f, 0.f}, hi[2] = {0.f, 0.f};
-        if (p.skip & kPersistentSkipMath) {
-        } else if (item_in_one_tile) {
-            const int t = c * kChunk >= m.units ? 1 : 0;
-            float a = 0.f, b = 0.f;
-#pragma unroll
-            for (int w = 0; w < kUnitsPerWarp; ++w) {
-                const int u = c * kChunk + min(gwarp + w * kGroupWarps, n - 1) - t * m.units;
-                unit_dot(q[w], sm[w], img_s, pairs_s, u * 8 + 2 * quad, first, second, a, b);
-            }
-            quad_sum(a);
-            quad_sum(b);
-            lo[0] = t ? 0.f : a;  // selects: an index here would put lo and hi in local memory
-            lo[1] = t ? a : 0.f;
-            hi[0] = t ? 0.f : b;
-            hi[1] = t ? b : 0.f;
-        } else {
-#pragma unroll
-            for (int w = 0; w < kUnitsPerWarp; ++w) {
-                // A row block holds one or two tiles (no division on this path).
-                const int pu = c * kChunk + min(gwarp + w * kGroupWarps, n - 1), t = pu >= m.units ? 1 : 0;
-                const int u = pu - t * m.units;
+        if (!(p.skip & kPersistentSkipMath)) {
+            if (item_in_one_tile) {
+                const int t = c * kChunk >= m.units ? 1 : 0;
                 float a = 0.f, b = 0.f;
-                unit_dot(q[w], sm[w], img_s, pairs_s, u * 8 + 2 * quad, first, second, a, b);
-                if (t == 0) { lo[0] += a; hi[0] += b; }
-                else { lo[1] += a; hi[1] += b; }
-            }
 #pragma unroll
-            for (int t = 0; t < 2; ++t) {
-                quad_sum(lo[t]);
-                quad_sum(hi[t]);
+                for (int w = 0; w < kUnitsPerWarp; ++w) {
+                    const int u = c * kChunk + min(gwarp + w * kGroupWarps, n - 1) - t * m.units;
+                    unit_dot(q[w], sm[w], img_s, pairs_s, u * 8 + 2 * quad, first, second, a, b);
+                }
+                quad_sum(a);
+                quad_sum(b);
+                lo[0] = t ? 0.f : a;  // selects: an index here would put lo and hi in local memory
+                lo[1] = t ? a : 0.f;
+                hi[0] = t ? 0.f : b;
+                hi[1] = t ? b : 0.f;
+            } else {
+#pragma unroll
+                for (int w = 0; w < kUnitsPerWarp; ++w) {
+                    // A row block holds one or two tiles (no division on this path).
+                    const int pu = c * kChunk + min(gwarp + w * kGroupWarps, n - 1), t = pu >= m.units ? 1 : 0;
+                    const int u = pu - t * m.units;
+                    float a = 0.f, b = 0.f;
+                    unit_dot(q[w], sm[w], img_s, pairs_s, u * 8 + 2 * quad, first, second, a, b);
+                    if (t == 0) { lo[0] += a; hi[0] += b; }
+                    else { lo[1] += a; hi[1] += b; }
+                }
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    quad_sum(lo[t]);
+                    quad_sum(hi[t]);
+                }
             }
         }
         if (quad == 0) {
