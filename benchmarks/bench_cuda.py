@@ -239,13 +239,14 @@ class _env:
                 os.environ[k] = v
 
 
-def step_variants(model, vocab: int, steps: int) -> dict:
-    """Batch-1 decode step time (ms, no logits copied) at ~48 tokens of context per setting."""
+def step_variants(model, vocab: int, steps: int, variants: dict | None = None) -> dict:
+    """Batch-1 decode step time (ms, no logits copied) at ~48 tokens of context per setting
+    (variants: name -> environment, STEP_VARIANTS by default)."""
     rng = np.random.default_rng(2)
     s = model.new_session(N_CTX)
     s.forward(rng.integers(0, vocab, 32).tolist())
     out = {}
-    for name, env in STEP_VARIANTS.items():
+    for name, env in (STEP_VARIANTS if variants is None else variants).items():
         with _env(env):
             times = []
             for _ in range(3):

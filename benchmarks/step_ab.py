@@ -24,16 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cuda  # noqa: E402  (beside this file)
 
 
-def worker(path: str, variants: list[str], steps: int) -> dict:
+def worker(path: str, shape: str, variants: list[str], steps: int) -> dict:
     from pumice.runtime.native import NativeModel
     model = NativeModel(path, device="cuda")
     chosen = {name: bench_cuda.STEP_VARIANTS[name] for name in variants}
-    saved = bench_cuda.STEP_VARIANTS
-    bench_cuda.STEP_VARIANTS = chosen
-    try:
-        return bench_cuda.step_variants(model, 32000, steps)
-    finally:
-        bench_cuda.STEP_VARIANTS = saved
+    return bench_cuda.step_variants(model, bench_cuda.SHAPES[shape]["vocab_size"], steps, chosen)
 
 
 def main() -> None:
@@ -44,11 +39,11 @@ def main() -> None:
     ap.add_argument("--kind", default="rtn2g64")
     ap.add_argument("--variants", default="default,gemv_only")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--worker", nargs=3, metavar=("PATH", "VARIANTS", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("PATH", "SHAPE", "VARIANTS", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        path, variants, steps = args.worker
-        print("RESULT " + json.dumps(worker(path, variants.split(","), int(steps))), flush=True)
+        path, shape, variants, steps = args.worker
+        print("RESULT " + json.dumps(worker(path, shape, variants.split(","), int(steps))), flush=True)
         return
     out_dir = Path(os.environ.get("OUT", "/tmp/pumice-cuda-out"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +54,7 @@ def main() -> None:
             for lib in args.libs:
                 env = dict(os.environ, PUMICE_LIBRARY=str(Path(lib) / "libpumice.so"),
                            PUMICE_CUDA_LIBRARY=str(Path(lib) / "libpumice_cuda.so"))
-                proc = subprocess.run([sys.executable, __file__, "--libs", lib, "--worker", str(path),
+                proc = subprocess.run([sys.executable, __file__, "--libs", lib, "--worker", str(path), args.model,
                                        args.variants, str(args.steps)], capture_output=True, text=True, env=env,
                                       timeout=300)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

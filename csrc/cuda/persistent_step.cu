@@ -624,13 +624,13 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
     consumers_sync();
     if (warp < owned) residual_tile(p, st, warp, 0.f, false);
     unsigned target = 0;
-    RingCursor it;
+    RingCursor cursor;  // the consumers' place in the ring
     grid_barrier(p, target);
 
     for (int l = 0; l < p.n_layers; ++l) {
         const PersistentLayer &L = p.layers[l];
         const float s_qkv = stage_input(p, st, p.img_x, p.runs_x, L.qkv, true, img_s, pairs_s);
-        run_matrix(p, L.qkv, it, ring, full, empty, img_s, pairs_s, red, st, nullptr,
+        run_matrix(p, L.qkv, cursor, ring, full, empty, img_s, pairs_s, red, st, nullptr,
                    [&](int tile, int, float v) { qkv_tile(p, st, l, tile, v * s_qkv); });
         grid_barrier(p, target);
         if (!p.skip_attention) {
@@ -639,12 +639,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
         }
 
         stage_input(p, st, p.img_att, p.runs_att, L.o, false, img_s, pairs_s);
-        run_matrix(p, L.o, it, ring, full, empty, img_s, pairs_s, red, st, L.mlp_norm,
+        run_matrix(p, L.o, cursor, ring, full, empty, img_s, pairs_s, red, st, L.mlp_norm,
                    [&](int, int b, float v) { residual_tile(p, st, b, v, false); });
         grid_barrier(p, target);
 
         const float s_gu = stage_input(p, st, p.img_x, p.runs_x, L.gate_up, true, img_s, pairs_s);
-        run_matrix(p, L.gate_up, it, ring, full, empty, img_s, pairs_s, red, st, nullptr, [&](int pair, int, float v) {
+        run_matrix(p, L.gate_up, cursor, ring, full, empty, img_s, pairs_s, red, st, nullptr, [&](int pair, int, float v) {
             const int lane = threadIdx.x % 32, row = pair * 16 + lane;
             const float up = __shfl_down_sync(~0u, v, 16);
             const float x[1] = {lane < 16 && row < p.inter ? silu(v * s_gu) * (up * s_gu) : 0.f};
@@ -654,7 +654,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
 
         stage_input(p, st, p.img_act, p.runs_act, L.down, false, img_s, pairs_s);
         const bool last = l + 1 == p.n_layers, head_after = last && p.n_head_parts == 0;
-        run_matrix(p, L.down, it, ring, full, empty, img_s, pairs_s, red, st,
+        run_matrix(p, L.down, cursor, ring, full, empty, img_s, pairs_s, red, st,
                    last ? p.final_norm : p.layers[l + 1].attn_norm,
                    [&](int, int b, float v) { residual_tile(p, st, b, v, head_after); });
         if (!head_after) grid_barrier(p, target);
@@ -663,7 +663,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
         const float s_head = stage_input(p, st, p.img_x, p.runs_x, p.head[0], true, img_s, pairs_s);
         for (int part = 0; part < p.n_head_parts; ++part) {
             const int tile0 = p.head_tile0[part];
-            run_matrix(p, p.head[part], it, ring, full, empty, img_s, pairs_s, red, st, nullptr,
+            run_matrix(p, p.head[part], cursor, ring, full, empty, img_s, pairs_s, red, st, nullptr,
                        [&](int tile, int, float v) {
                            const int row = (tile0 + tile) * 16 + static_cast<int>(threadIdx.x % 32);
                            if (threadIdx.x % 32 < 16 && row < p.vocab) p.logits[row] = v * s_head;

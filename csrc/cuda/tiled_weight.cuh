@@ -17,7 +17,8 @@
 //                 (t, h) at bit code2_bit(t) + 16h = 2(t/2) + 8(t%2) + 16h. Read as bytes, the
 //                 mask 0x03030303 << 2j over the four words is k-tiles 2j, 2j+1 of all four
 //                 registers: one int8 mma A fragment (times 4^j) with no shift at all
-//                 (persistent_step.cu); the f16 decoders shift as for any other order.
+//                 (persistent_step.cu); the f16 decoders take k-tile t's codes at bit 2(t/2)
+//                 of each half, after one >> 8 per word for odd t (decode.cuh, level_codes).
 //       bits 3  : as bits 2 for the low two bits of each code, plus an 8-byte plane per lane
 //                 with the third bit: word j holds k-tiles 4j..4j+3, slot i = (t%4)*4 + r,
 //                 bit i (low half) and 16+i (high half).
