@@ -52,6 +52,15 @@ struct SmState {
     float resid[kPersistentOwnedTiles * 16];       // this SM's residual rows (O and down tiles)
     float gain[kPersistentOwnedTiles * 16];        // the next norm's weights of those rows
     float scale;                                   // RMSNorm scale of the current input
+    // Layer l's matrix descriptions in layer_bytes[l % 2], copied during layer l - 1: each grid
+    // barrier's acquire empties L1, and reading them from global memory put an L2 round trip
+    // between every barrier and the image copy behind it.
+    // (Raw bytes: PersistentLayer's member initializers would make this a dynamic initialization.)
+    alignas(16) unsigned char layer_bytes[2][sizeof(PersistentLayer)];
+    __device__ const PersistentLayer &layer(int l) const {
+        return *reinterpret_cast<const PersistentLayer *>(layer_bytes[l & 1]);
+    }
+    __device__ PersistentLayer *layer_slot(int l) { return reinterpret_cast<PersistentLayer *>(layer_bytes[l & 1]); }
 };
 
 // The mbarrier and bulk-copy PTX exists from sm_90 on: older targets compile only an empty
@@ -69,6 +78,21 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
+__device__ __forceinline__ unsigned poll_counter(const unsigned *counter) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
+    return v;
+}
+
+// Busy-waits about `cycles` clock cycles without touching memory.
+__device__ __forceinline__ void spin_cycles(int cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {
+    }
+}
+
+constexpr int kPollSpacingCycles = 100;
+
 // Consumer threads only: every SM's writes so far are visible to every SM afterwards. One
 // monotonic counter, zeroed before the launch; `target` counts this block's arrivals.
 __device__ void grid_barrier(const PersistentStep &p, unsigned &target) {
@@ -80,12 +104,23 @@ __device__ void grid_barrier(const PersistentStep &p, unsigned &target) {
         // Release (cumulative: the block's writes, ordered before by the bar.sync) and acquire;
         // every read of another SM's data goes through L2 (ld.global.cg), never a stale L1.
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
-        unsigned seen = 0;
-        do {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-        } while (seen < target);
+        // Polls spaced out: every SM's polls land on the counter's L2 slice, and polling
+        // back to back measured slower than a pause between polls.
+        while (poll_counter(counter) < target) spin_cycles(kPollSpacingCycles);
     }
     consumers_sync();
+}
+
+// Starts copying layer l's descriptions into dst (threads 0-8; they wait with
+// wait_async_copies()).
+constexpr int kLayerCopyThreads = static_cast<int>(sizeof(PersistentLayer) / 16);
+static_assert(sizeof(PersistentLayer) % 16 == 0, "PersistentLayer is copied in 16-byte pieces");
+__device__ __forceinline__ void fetch_layer(const PersistentStep &p, int l, PersistentLayer *dst) {
+    if (static_cast<int>(threadIdx.x) < kLayerCopyThreads)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(reinterpret_cast<uint4 *>(dst) +
+                                                                                  threadIdx.x)),
+                     "l"(reinterpret_cast<const uint4 *>(p.layers + l) + threadIdx.x)
+                     : "memory");
 }
 
 // Row blocks of m owned by this SM, and the 32-unit items each splits into.
@@ -604,6 +639,8 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
     __shared__ SmState st;
     const int owned = owned_row_blocks(p.layers[0].o);  // this SM's residual tiles
     if (threadIdx.x == 0) st.col = p.cols[0];
+    fetch_layer(p, 0, st.layer_slot(0));
+    if (static_cast<int>(threadIdx.x) < kLayerCopyThreads) wait_async_copies();
     consumers_sync();
     for (int i = threadIdx.x; i < p.head_dim / 2; i += kConsumerThreads) {
         // The angle in float like the reference; its cosine in double, so large positions keep
@@ -628,10 +665,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
     grid_barrier(p, target);
 
     for (int l = 0; l < p.n_layers; ++l) {
-        const PersistentLayer &L = p.layers[l];
+        const PersistentLayer &L = st.layer(l);
+        if (l + 1 < p.n_layers) fetch_layer(p, l + 1, st.layer_slot(l + 1));
         const float s_qkv = stage_input(p, st, p.img_x, p.runs_x, L.qkv, true, img_s, pairs_s);
         run_matrix(p, L.qkv, cursor, ring, full, empty, img_s, pairs_s, red, st, nullptr,
                    [&](int tile, int, float v) { qkv_tile(p, st, l, tile, v * s_qkv); });
+        if (static_cast<int>(threadIdx.x) < kLayerCopyThreads) wait_async_copies();  // the next layer's
         grid_barrier(p, target);
         if (!p.skip_attention) {
             attention_phase<HD>(p, st, l, red);
@@ -655,7 +694,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
         stage_input(p, st, p.img_act, p.runs_act, L.down, false, img_s, pairs_s);
         const bool last = l + 1 == p.n_layers, head_after = last && p.n_head_parts == 0;
         run_matrix(p, L.down, cursor, ring, full, empty, img_s, pairs_s, red, st,
-                   last ? p.final_norm : p.layers[l + 1].attn_norm,
+                   last ? p.final_norm : st.layer(l + 1).attn_norm,
                    [&](int, int b, float v) { residual_tile(p, st, b, v, head_after); });
         if (!head_after) grid_barrier(p, target);
     }
