@@ -227,29 +227,36 @@ __device__ __forceinline__ void unit_dot(const uint4 &q, const uint2 &sm, const 
 // Writes image half `half` from E values per lane, held by 16 / E consecutive lanes (sub =
 // the lane's place among them). All 32 lanes call it; lanes with write == false contribute
 // nothing to their group and write nothing (their group must be all such lanes).
+// `extra` (one value per lane) is summed over the same lanes alongside and returned.
 template <int E>
-__device__ void write_image(const float (&x)[E], bool write, int half, int sub, unsigned char *img, float4 *runs) {
+__device__ float write_image(const float (&x)[E], bool write, int half, int sub, unsigned char *img, float4 *runs,
+                             float extra = 0.f) {
     constexpr int L = 16 / E;
-    float amax = 0.f;
+    // The sum of x reduced beside the maximum (it does not need the scale): the epilogue is on
+    // the path to every grid barrier, and each shuffle's latency counts.
+    float amax = 0.f, xs = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(x[e]));
+    for (int e = 0; e < E; ++e) {
+        amax = fmaxf(amax, fabsf(x[e]));
+        xs += x[e];
+    }
 #pragma unroll
-    for (int o = L / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, o));
+    for (int o = L / 2; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(~0u, amax, o));
+        xs += __shfl_xor_sync(~0u, xs, o);
+        extra += __shfl_xor_sync(~0u, extra, o);
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    float xs = 0.f, qs = 0.f;
+    float qs = 0.f;
     int qv[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) {
         qv[e] = max(-127, min(127, __float2int_rn(x[e] * inv)));
-        xs += x[e];
         qs += static_cast<float>(qv[e]);
     }
 #pragma unroll
-    for (int o = L / 2; o > 0; o >>= 1) {
-        xs += __shfl_xor_sync(~0u, xs, o);
-        qs += __shfl_xor_sync(~0u, qs, o);
-    }
-    if (!write) return;
+    for (int o = L / 2; o > 0; o >>= 1) qs += __shfl_xor_sync(~0u, qs, o);
+    if (!write) return extra;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
         const int o = sub * E + e;
@@ -259,6 +266,7 @@ __device__ void write_image(const float (&x)[E], bool write, int half, int sub, 
         const float d = amax / 127.f;
         runs[half] = make_float4(d, 1.5f * (xs - d * qs), xs, 0.f);
     }
+    return extra;
 }
 
 // The shared-memory copy of an image (halves = inputs / 16, even), read from L2. A unit's quad
@@ -317,10 +325,8 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
         gain = st.gain[owned * 16 + lane];
     }
     const float x[1] = {r * gain};
-    write_image<1>(x, lane < 16, tile, lane, reinterpret_cast<unsigned char *>(p.img_x), p.runs_x);
-    float ss = r * r;
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) ss += __shfl_xor_sync(~0u, ss, o);
+    // The tile's sum of squares (over lanes 0-15, as the image's sums) alongside.
+    const float ss = write_image<1>(x, lane < 16, tile, lane, reinterpret_cast<unsigned char *>(p.img_x), p.runs_x, r * r);
     if (lane == 0) p.sumsq[tile] = ss;
     if (for_head) {
         if (valid) p.xn[row] = __float2half(r * gain * kNormPrescale);
