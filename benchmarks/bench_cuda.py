@@ -287,9 +287,10 @@ def batch_step_s(sessions, sampling, steps: int, warm: int = 0) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def batch16_variants(model, vocab: int, steps: int) -> dict:
-    """Batch-16 step time (ms; greedy on the device, only ids copied) per main setting: the
-    fastest of five runs (settings differ by less than the run-to-run spread of a median)."""
+def batch16_variants(model, vocab: int, steps: int, variants: dict | None = None) -> dict:
+    """Batch-16 step time (ms; greedy on the device, only ids copied) per setting
+    (BATCH16_VARIANTS by default): the fastest of five runs (settings differ by less than the
+    run-to-run spread of a median)."""
     from pumice.runtime.native import NativeSampling
     rng = np.random.default_rng(3)
     sessions = [model.new_session(N_CTX) for _ in range(16)]
@@ -298,7 +299,7 @@ def batch16_variants(model, vocab: int, steps: int) -> dict:
     greedy = NativeSampling(temperature=0.0)
     batch_step_s(sessions, greedy, 3 * steps)  # warm-up: the first setting is not to pay for it
     out = {}
-    for name, env in BATCH16_VARIANTS.items():
+    for name, env in (BATCH16_VARIANTS if variants is None else variants).items():
         with _env(env):
             times = []
             for _ in range(5):

@@ -1,9 +1,10 @@
-"""Batch-1 decode-step times of one random model under several builds of libpumice_cuda, each
-build in its own process, the builds alternating for several rounds: differences between
-processes on one GPU spread by ~5%, so one process per build cannot tell a 3% change.
+"""Decode-step times (batch 1, or 16 with --batch 16) of one random model under several builds
+of libpumice_cuda, each build in its own process, the builds alternating for several rounds:
+differences between processes on one GPU spread by ~5%, so one process per build cannot tell a
+3% change.
 
     python3 benchmarks/step_ab.py --libs .prebuilt_old .prebuilt --rounds 4 \\
-        --model llama2-7b --kind rtn2g64 [--variants default,gemv_only]
+        --model llama2-7b --kind rtn2g64 [--variants default,gemv_only] [--batch 16]
 
 Each folder holds libpumice.so and libpumice_cuda.so. Prints, per build and setting, the median
 over rounds of each process's median step time (ms), and writes step_ab.json into $OUT.
@@ -24,11 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cuda  # noqa: E402  (beside this file)
 
 
-def worker(path: str, shape: str, variants: list[str], steps: int) -> dict:
+def worker(path: str, shape: str, variants: list[str], steps: int, batch: int) -> dict:
     from pumice.runtime.native import NativeModel
     model = NativeModel(path, device="cuda")
     chosen = {name: bench_cuda.STEP_VARIANTS[name] for name in variants}
-    return bench_cuda.step_variants(model, bench_cuda.SHAPES[shape]["vocab_size"], steps, chosen)
+    vocab = bench_cuda.SHAPES[shape]["vocab_size"]
+    if batch == 16:
+        return bench_cuda.batch16_variants(model, vocab, steps, chosen)
+    return bench_cuda.step_variants(model, vocab, steps, chosen)
 
 
 def main() -> None:
@@ -39,11 +43,13 @@ def main() -> None:
     ap.add_argument("--kind", default="rtn2g64")
     ap.add_argument("--variants", default="default,gemv_only")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, choices=(1, 16), default=1)
     ap.add_argument("--worker", nargs=4, metavar=("PATH", "SHAPE", "VARIANTS", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         path, shape, variants, steps = args.worker
-        print("RESULT " + json.dumps(worker(path, shape, variants.split(","), int(steps))), flush=True)
+        result = worker(path, shape, variants.split(","), int(steps), args.batch)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     out_dir = Path(os.environ.get("OUT", "/tmp/pumice-cuda-out"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,8 +60,9 @@ def main() -> None:
             for lib in args.libs:
                 env = dict(os.environ, PUMICE_LIBRARY=str(Path(lib) / "libpumice.so"),
                            PUMICE_CUDA_LIBRARY=str(Path(lib) / "libpumice_cuda.so"))
-                proc = subprocess.run([sys.executable, __file__, "--libs", lib, "--worker", str(path), args.model,
-                                       args.variants, str(args.steps)], capture_output=True, text=True, env=env,
+                proc = subprocess.run([sys.executable, __file__, "--libs", lib, "--batch", str(args.batch), "--worker",
+                                       str(path), args.model, args.variants, str(args.steps)],
+                                      capture_output=True, text=True, env=env,
                                       timeout=300)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
