@@ -745,7 +745,11 @@ bool CudaBackend::prepare_persistent(std::string *why) {
     p.stage_bytes = kPersistentChunkUnits * (512 + 8192 / group_size);
     int optin = 0;
     PUMICE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
-    p.stages = 8;  // fewer where shared memory is short (the kernel's own ~2 KB aside)
+    // Six stages (120 KB of 20 KB at g64) hold ~5 us of an SM's stream, more than a matrix
+    // boundary lasts. Eight measured 1-2% slower (GEMVs alone and the full step, alternating
+    // processes; docs/CUDA.md, "The boundaries"), four 2% slower. Fewer where shared memory is
+    // short (the kernel's own ~2 KB aside).
+    p.stages = 6;
     while (p.stages > 3 && persistent_smem_bytes(p) + 2048 > static_cast<size_t>(optin)) --p.stages;
     if (!persistent_step_supported(device_, p, num_sms_, why)) return false;
 
