@@ -117,10 +117,8 @@ constexpr int kLayerCopyThreads = static_cast<int>(sizeof(PersistentLayer) / 16)
 static_assert(sizeof(PersistentLayer) % 16 == 0, "PersistentLayer is copied in 16-byte pieces");
 __device__ __forceinline__ void fetch_layer(const PersistentStep &p, int l, PersistentLayer *dst) {
     if (static_cast<int>(threadIdx.x) < kLayerCopyThreads)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(reinterpret_cast<uint4 *>(dst) +
-                                                                                  threadIdx.x)),
-                     "l"(reinterpret_cast<const uint4 *>(p.layers + l) + threadIdx.x)
-                     : "memory");
+        copy_async_16(reinterpret_cast<uint4 *>(dst) + threadIdx.x,
+                      reinterpret_cast<const uint4 *>(p.layers + l) + threadIdx.x);
 }
 
 // Row blocks of m owned by this SM, and the 32-unit items each splits into.
@@ -326,7 +324,8 @@ __device__ void residual_tile(const PersistentStep &p, SmState &st, int owned, f
     }
     const float x[1] = {r * gain};
     // The tile's sum of squares (over lanes 0-15, as the image's sums) alongside.
-    const float ss = write_image<1>(x, lane < 16, tile, lane, reinterpret_cast<unsigned char *>(p.img_x), p.runs_x, r * r);
+    const float ss =
+        write_image<1>(x, lane < 16, tile, lane, reinterpret_cast<unsigned char *>(p.img_x), p.runs_x, r * r);
     if (lane == 0) p.sumsq[tile] = ss;
     if (for_head) {
         if (valid) p.xn[row] = __float2half(r * gain * kNormPrescale);
