@@ -4,7 +4,8 @@
 #
 #   benchmarks/cuda_device_run.sh [all|build|test|bench] [extra bench_cuda.py arguments]
 #   benchmarks/cuda_device_run.sh ab --libs DIR... [extra step_ab.py arguments]
-#       batch-1 step times of several prebuilt library folders, alternating processes
+#       step times (batch 1, or 16 with --batch 16) of several prebuilt library folders,
+#       alternating processes
 #   benchmarks/cuda_device_run.sh profile [extra profile_gemv.py arguments]
 #       Nsight Compute on the GEMV launches of a 2-layer model (NCU_ARGS to override the
 #       sections, launch counts or kernel filter); the report text lands in $OUT/ncu.txt
