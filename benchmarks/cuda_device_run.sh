@@ -6,6 +6,8 @@
 #   benchmarks/cuda_device_run.sh ab --libs DIR... [extra step_ab.py arguments]
 #       step times (batch 1, or 16 with --batch 16) of several prebuilt library folders,
 #       alternating processes
+#   benchmarks/cuda_device_run.sh profiler-effect [extra profiler_effect.py arguments]
+#       step times before and after a kernel profile in one process
 #   benchmarks/cuda_device_run.sh profile [extra profile_gemv.py arguments]
 #       Nsight Compute on the GEMV launches of a 2-layer model (NCU_ARGS to override the
 #       sections, launch counts or kernel filter); the report text lands in $OUT/ncu.txt
@@ -73,6 +75,10 @@ fi
 
 if [ "$WHAT" = ab ]; then
     python3 benchmarks/step_ab.py "$@" 2>&1 | tee "$OUT/step_ab.log" | tail -30
+fi
+
+if [ "$WHAT" = profiler-effect ]; then
+    python3 benchmarks/profiler_effect.py "$@" 2>&1 | tee "$OUT/profiler_effect.log" | tail -10
 fi
 
 if [ "$WHAT" = profile ]; then

@@ -4,10 +4,13 @@
 // of the context in sub-chunks of 64 positions: scores (D/8 lanes per key, 16-byte loads),
 // an exact softmax update with a running max, then P·V (D/8 lanes per value row, position
 // groups across the rest of the block). The slices' (max, sum, unnormalized output) are merged
-// by the last block to finish (an atomic counter per column and kv head, reset after use). Lengths come from device memory, so the grid (sized for `splits`)
-// is fixed and the launch can live in a CUDA graph.
+// by the last block to finish (an atomic counter per column and kv head, reset after use); a
+// slice is at least two sub-chunks, because a merge costs more than a second sub-chunk. Lengths
+// come from device memory, so the grid (sized for `splits`) is fixed and the launch can live in
+// a CUDA graph.
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cfloat>
 
 #include "cuda_common.cuh"
@@ -20,9 +23,9 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kSub = 64;
 
-__device__ __forceinline__ int split_chunk(int len, int splits) {
+__device__ __forceinline__ int split_chunk(int len, int splits, int min_slice) {
     const int c = (len + splits - 1) / splits;
-    return c < 32 ? 32 : c;
+    return c < min_slice ? min_slice : c;
 }
 
 // Eight dims (dl * 8..) of cache row p, or zeros past the end.
@@ -59,13 +62,17 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
     __shared__ float red[NPG][G][D];
 
     pdl_launch_dependents();
-    pdl_wait();
+    // Up to pdl_wait the block reads only what earlier steps wrote: the column (uploaded before
+    // the step) and the cache rows before the step's first position.
     const int split = blockIdx.x, kvh = blockIdx.y, col = blockIdx.z;
     const StepColumn c = a.cols[col];
     const int len = c.pos + 1;
-    const int chunk = split_chunk(len, a.splits);
+    const int chunk = split_chunk(len, a.splits, a.min_slice);
     const int start = split * chunk;
-    if (start >= len) return;
+    if (start >= len) {
+        pdl_wait();
+        return;
+    }
     const int end = min(len, start + chunk);
 
     const int tid = threadIdx.x;
@@ -74,6 +81,32 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 
     const __half *kbase = c.cache + ((static_cast<int64_t>(a.layer) * 2 * a.n_kv_heads + kvh) * c.n_ctx) * D;
     const __half *vbase = c.cache + (((static_cast<int64_t>(a.layer) * 2 + 1) * a.n_kv_heads + kvh) * c.n_ctx) * D;
+
+    // A thread's key and value rows of a sub-chunk are all requested before the first is used:
+    // the compiler does not move a global load above the shared-memory stores of the pass
+    // before, and one row at a time cost 7% of a 16-session step at 1024 positions (8B: 12%;
+    // docs/CUDA.md). The first sub-chunk's older rows go out before pdl_wait, so that their
+    // round trip overlaps the end of the QKV GEMV; the rows this step wrote follow it.
+    constexpr int kRows = kSub / NPG;
+    uint4 kraw[kRows], vraw[kRows];
+    const int older_end = min(end, c.step_start);
+    auto request_rows = [&](int sub, int row_end) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            kraw[r] = load_row<D>(kbase, sub + r * NPG + kp, row_end, dl);
+            vraw[r] = load_row<D>(vbase, sub + r * NPG + kp, row_end, dl);
+        }
+    };
+    request_rows(start, older_end);
+    pdl_wait();
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+        const int p = start + r * NPG + kp;
+        if (p >= older_end && p < end) {
+            kraw[r] = load_row<D>(kbase, p, end, dl);
+            vraw[r] = load_row<D>(vbase, p, end, dl);
+        }
+    }
 
     // Queries, pre-scaled so that scores are in log2 units.
     const float qscale = rsqrtf(static_cast<float>(D)) * 1.4426950408889634f;
@@ -100,14 +133,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 
     const int warp = tid / 32, lane = tid % 32;
     for (int sub = start; sub < end; sub += kSub) {
-        // Scores of this sub-chunk: LPP lanes per key, 16-byte loads. A thread's keys (and
-        // later its values) are all requested before the first is used: the compiler does not
-        // move a global load above the shared-memory stores of the pass before, and one row at a
-        // time cost 7% of a 16-session step at 1024 positions (8B: 12%; docs/CUDA.md).
-        constexpr int kRows = kSub / NPG;
-        uint4 kraw[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) kraw[r] = load_row<D>(kbase, sub + r * NPG + kp, end, dl);
+        // Scores of this sub-chunk: LPP lanes per key, 16-byte loads.
+        if (sub != start) request_rows(sub, end);
 #pragma unroll
         for (int p0 = 0; p0 < kSub; p0 += NPG) {
             const int p = sub + p0 + kp;
@@ -163,9 +190,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[g][e] *= al;
         }
-        uint4 vraw[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) vraw[r] = load_row<D>(vbase, sub + r * NPG + kp, end, dl);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) accumulate_value<G>(acc, vraw[r], sc, r * NPG + kp);  // zeros past end
         __syncthreads();
@@ -256,6 +280,10 @@ void launch_for_dim(const AttentionCall &a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+// A split shorter than a sub-chunk takes as long as a whole one, and a merge costs more than a
+// second sub-chunk (docs/CUDA.md, "Decode step").
+int attention_min_slice() { return std::max(1, env_int("PUMICE_CUDA_ATTENTION_MIN_SLICE", 2 * kSub)); }
 
 void launch_attention_decode(const AttentionCall &call, cudaStream_t stream) {
     if (call.n_cols <= 0) return;

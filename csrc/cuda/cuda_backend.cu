@@ -92,9 +92,14 @@ int64_t step_variant(int n_cols) {
            ((persistent_skip() & 15) << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
            (three_tiles_enabled() ? 1 << 24 : 0) | (residual_pairs_mode() << 25) |
            ((persistent_skip() & 16) ? 1 << 27 : 0) |
+           (int64_t(std::min(attention_min_slice(), 255)) << 48) |
            (int64_t(fused_norm_max_cols()) << 32) | (int64_t(pdl_max_cols()) << 40);
 }
 bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }
+// Benchmarks: PUMICE_CUDA_STEP_REPEAT=n runs each step n times back to back (the same columns,
+// wrong results), so that host time over n is the GPU's time per step without the host's turn
+// between steps — how the copy bandwidth it is compared with is timed (bench_cuda.py).
+int step_repeat() { return std::max(1, env_int("PUMICE_CUDA_STEP_REPEAT", 1)); }
 
 // Makes the backend's device current for the calling thread (sessions may move threads).
 class DeviceScope {
@@ -590,7 +595,7 @@ void CudaBackend::consume_norm(Epilogue &e, const LinearGroup &producer) const {
 int CudaBackend::attention_splits(int n_cols) const {
     const int blocks = n_cols * cfg_.num_kv_heads;
     // About six blocks per SM once the context is long; short contexts leave most splits idle
-    // (each split covers at least 32 positions).
+    // (each split covers at least attention_min_slice() positions).
     const int want = static_cast<int>(ceil_div(6 * num_sms_, blocks));
     return std::max(1, std::min(kMaxSplits, want));
 }
@@ -657,6 +662,7 @@ void CudaBackend::enqueue_step(int n) {
         at.n_kv_heads = c.num_kv_heads;
         at.head_dim = c.head_dim;
         at.splits = attention_splits(n);
+        at.min_slice = attention_min_slice();
         at.partial_o = part_o_.as<float>();
         at.partial_ml = part_ml_.as<float2>();
         at.out = attn_.as<__half>();
@@ -817,7 +823,7 @@ void CudaBackend::run_step(int n) {
                                       cudaMemcpyHostToDevice, stream_));
     PUMICE_CUDA_CHECK(cudaEventRecord(cols_uploaded_, stream_));
     if (!graphs_enabled()) {
-        enqueue_step(n);
+        for (int r = step_repeat(); r > 0; --r) enqueue_step(n);
         return;
     }
     const int64_t variant = step_variant(n);
@@ -840,7 +846,7 @@ void CudaBackend::run_step(int n) {
         PUMICE_CUDA_CHECK(err);
         it = graphs_.emplace(variant, exec).first;
     }
-    PUMICE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+    for (int r = step_repeat(); r > 0; --r) PUMICE_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
 }
 
 void CudaBackend::copy_logits(int n_rows, const float *src_dev, float *dst) {
@@ -870,7 +876,7 @@ void CudaBackend::forward(BackendSession &session, const int32_t *tokens, int32_
             const int cols = std::min<int32_t>(kMaxStepCols, n - done);
             StepColumn *ch = writable_cols();
             for (int i = 0; i < cols; ++i)
-                ch[i] = StepColumn{tokens[done + i], p_start + done + i, s.n_ctx, 0, s.cache.as<__half>()};
+                ch[i] = StepColumn{tokens[done + i], p_start + done + i, s.n_ctx, p_start + done, s.cache.as<__half>()};
             run_step(cols);
             if (logits && all) copy_logits(cols, logits_dev_.as<float>(), logits + done * V);
             else if (logits && done + cols == n)
@@ -885,7 +891,7 @@ void CudaBackend::stage_next_tokens(BackendSession *const *sessions, const int32
     StepColumn *ch = writable_cols();
     for (int i = 0; i < n; ++i) {
         CudaSession &s = static_cast<CudaSession &>(*sessions[i]);
-        ch[i] = StepColumn{tokens[i], s.n_past, s.n_ctx, 0, s.cache.as<__half>()};
+        ch[i] = StepColumn{tokens[i], s.n_past, s.n_ctx, s.n_past, s.cache.as<__half>()};
     }
 }
 
@@ -962,7 +968,7 @@ void CudaBackend::prefill_chunk(CudaSession &s, const int32_t *tokens, int32_t n
     pw_.act.zero(stream_);
 
     StepColumn *ch = pw_.cols_host.as<StepColumn>();
-    for (int i = 0; i < n; ++i) ch[i] = StepColumn{tokens[i], p0 + i, s.n_ctx, 0, s.cache.as<__half>()};
+    for (int i = 0; i < n; ++i) ch[i] = StepColumn{tokens[i], p0 + i, s.n_ctx, p0, s.cache.as<__half>()};
     // Attention operand pointers, per layer: Q, K, S | P, V, O for every query head.
     const void **ptr = pw_.ptrs_host.as<const void *>();
     const size_t lstride = static_cast<size_t>(6) * c.num_heads;
@@ -1135,7 +1141,7 @@ void CudaBackend::forward_sample(BackendSession &session, const int32_t *tokens,
     // One step of consecutive tokens (a decode, or a short prompt): sample its last column.
     const int32_t p_start = s.n_past;
     StepColumn *ch = writable_cols();
-    for (int i = 0; i < n; ++i) ch[i] = StepColumn{tokens[i], p_start + i, s.n_ctx, 0, s.cache.as<__half>()};
+    for (int i = 0; i < n; ++i) ch[i] = StepColumn{tokens[i], p_start + i, s.n_ctx, p_start, s.cache.as<__half>()};
     run_step(n);
     const float *last_dev = logits_dev_.as<float>() + int64_t(n - 1) * V;
     if (logits) copy_logits(1, last_dev, logits);

@@ -15,7 +15,7 @@ struct StepColumn {
     int32_t token;
     int32_t pos;
     int32_t n_ctx;
-    int32_t pad_;
+    int32_t step_start;  // the first position this step writes into the cache: rows before it are older
     __half *cache;  // the session's KV cache: [layer][k|v][kv_head][n_ctx][head_dim]
 };
 
@@ -134,6 +134,7 @@ struct AttentionCall {
     int64_t ldq = 0;
     const StepColumn *cols = nullptr;
     int n_cols = 0, layer = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, splits = 1;
+    int min_slice = 128;          // positions per split at least (attention_min_slice)
     float *partial_o = nullptr;   // [col][head][splits][head_dim]
     float2 *partial_ml = nullptr; // [col][head][splits] (running max in log2 units, sum)
     __half *out = nullptr;        // [col][ldo]
@@ -141,6 +142,9 @@ struct AttentionCall {
     int *counters = nullptr;      // [16][n_kv_heads], zero between launches
 };
 void launch_attention_decode(const AttentionCall &call, cudaStream_t stream);
+// Positions per attention split at least: 128 (two sub-chunks), or PUMICE_CUDA_ATTENTION_MIN_SLICE
+// (comparisons; a captured step keys on it).
+int attention_min_slice();
 
 // Prefill softmax: scores [head][n][ld] (already scaled) -> probabilities (f16), causal: row i
 // sees keys 0..n_past+i.
