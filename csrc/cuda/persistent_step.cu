@@ -627,7 +627,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_step_kernel(const Pers
     unsigned char *ring = smem;
     uint4 *img_s = reinterpret_cast<uint4 *>(smem + static_cast<size_t>(p.stages) * p.stage_bytes);
     float4 *pairs_s = reinterpret_cast<float4 *>(reinterpret_cast<unsigned char *>(img_s) + p.image_bytes);
-    float *red = reinterpret_cast<float *>(reinterpret_cast<unsigned char *>(pairs_s) + p.image_bytes);
+    float *red = reinterpret_cast<float *>(reinterpret_cast<unsigned char *>(pairs_s) + p.image_bytes / 2);
     if (threadIdx.x == 0) {
         for (int i = 0; i < p.stages; ++i) {
             asm volatile("mbarrier.init.shared.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
@@ -724,8 +724,9 @@ StepKernel kernel_for(int head_dim) { return head_dim == 64 ? persistent_step_ke
 }  // namespace
 
 size_t persistent_smem_bytes(const PersistentStep &p) {
-    return static_cast<size_t>(p.stages) * p.stage_bytes + 2 * static_cast<size_t>(p.image_bytes) +
-           sizeof(float) * kRedFloats;
+    // The staged image (one byte per input), then one 16-byte pair record per 32 inputs.
+    return static_cast<size_t>(p.stages) * p.stage_bytes + static_cast<size_t>(p.image_bytes) +
+           static_cast<size_t>(p.image_bytes) / 2 + sizeof(float) * kRedFloats;
 }
 
 bool persistent_step_supported(int device, const PersistentStep &p, int num_sms, std::string *why) {
