@@ -287,9 +287,11 @@ int attention_min_slice() { return std::max(1, env_int("PUMICE_CUDA_ATTENTION_MI
 
 void launch_attention_decode(const AttentionCall &call, cudaStream_t stream) {
     if (call.n_cols <= 0) return;
-    switch (call.head_dim) {
-        case 64: launch_for_dim<64>(call, stream); break;
-        case 128: launch_for_dim<128>(call, stream); break;
+    AttentionCall a = call;
+    a.min_slice = attention_min_slice();
+    switch (a.head_dim) {
+        case 64: launch_for_dim<64>(a, stream); break;
+        case 128: launch_for_dim<128>(a, stream); break;
         default: throw UnsupportedError("CUDA attention supports head_dim 64 and 128");
     }
 }

@@ -92,7 +92,7 @@ int64_t step_variant(int n_cols) {
            ((persistent_skip() & 15) << 19) | (wide_tiles_enabled() ? 1 << 23 : 0) |
            (three_tiles_enabled() ? 1 << 24 : 0) | (residual_pairs_mode() << 25) |
            ((persistent_skip() & 16) ? 1 << 27 : 0) |
-           (int64_t(std::min(attention_min_slice(), 255)) << 48) |
+           (int64_t(std::min(attention_min_slice(), 0x7fff)) << 48) |
            (int64_t(fused_norm_max_cols()) << 32) | (int64_t(pdl_max_cols()) << 40);
 }
 bool graphs_enabled() { return !env_is("PUMICE_CUDA_GRAPHS", "0"); }
@@ -662,7 +662,6 @@ void CudaBackend::enqueue_step(int n) {
         at.n_kv_heads = c.num_kv_heads;
         at.head_dim = c.head_dim;
         at.splits = attention_splits(n);
-        at.min_slice = attention_min_slice();
         at.partial_o = part_o_.as<float>();
         at.partial_ml = part_ml_.as<float2>();
         at.out = attn_.as<__half>();

@@ -134,7 +134,7 @@ struct AttentionCall {
     int64_t ldq = 0;
     const StepColumn *cols = nullptr;
     int n_cols = 0, layer = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, splits = 1;
-    int min_slice = 128;          // positions per split at least (attention_min_slice)
+    int min_slice = 0;            // positions per split at least (launch_attention_decode sets it)
     float *partial_o = nullptr;   // [col][head][splits][head_dim]
     float2 *partial_ml = nullptr; // [col][head][splits] (running max in log2 units, sum)
     __half *out = nullptr;        // [col][ldo]
