@@ -1,12 +1,15 @@
-"""CUDA `bcq` tensors (LUT GEMM DeviceLinear, csrc/cuda/bcq_gpu.cu) against float64 and the CPU
-backend. Skipped cleanly where there is no libpumice_cuda or no GPU (as tests/test_cuda.py).
+"""CUDA `bcq` tensors (DeviceLinear, csrc/cuda/bcq_gpu.cu: a LUT GEMM, and tensor cores at 2-16
+columns where an exponent covers whole units) against float64 and the CPU backend. Skipped
+cleanly where there is no libpumice_cuda or no GPU (as tests/test_cuda.py).
 
 Tolerances:
-  * decode kernel, per output, against the float64 product of the reconstructed W with the
-    f16-rounded activations (what the GPU sees): |y - y64| <= 2e-5 * |x16| @ |W|^T. The kernel
-    sums f32 tables of 4 inputs (3 roundings), segment sums (<= 32 terms), and per-slot partial
-    sums (< 200 terms for these shapes): a worst case below 1.2e-5; one wrong sign bit among K
-    inputs moves y by about 2/K of that scale, far above the bound.
+  * decode kernels, per output, against the float64 product of the reconstructed W with the
+    f16-rounded activations (what the GPU sees): |y - y64| <= 2e-5 * |x16| @ |W|^T. The LUT
+    kernel sums f32 tables of 4 inputs (3 roundings), segment sums (<= 32 terms), and per-slot
+    partial sums (< 200 terms for these shapes): a worst case below 1.2e-5. The tensor-core path
+    sums each unit's 128 signed f16 inputs per plane in the mma's f32 accumulator, then < 100
+    unit sums scaled exactly by 2^e. One wrong sign bit among K inputs moves y by about 2/K of
+    that scale, far above the bound.
   * against the float64 product with the unrounded f32 activations: f16 activations carry a
     relative error of 2^-11 each, so max|y - y64| / max|y64| < 3e-3 (as tests/test_cuda.py).
   * against the CPU backend's exact LUT mode (PUMICE_BCQ_LUT=exact4) on the same f16-rounded
@@ -95,6 +98,18 @@ def test_lut_gemm_matches_float64(gpu_model, name, batch):
     worst = np.abs(y - ref16) / np.maximum(bound, 1e-300)
     assert np.all(np.abs(y - ref16) <= bound), (name, batch, np.unravel_index(worst.argmax(), worst.shape))
     assert relative_error(y, x.astype(np.float64) @ w.T) < 3e-3
+
+
+@pytest.mark.parametrize("name", ["c", "j", "llama_4096"])  # exponents per whole unit
+def test_lut_gemm_without_tensor_cores(gpu_model, name, monkeypatch):
+    # Where the tensor-core path takes 2-16 columns, the LUT kernel still answers when it is off.
+    monkeypatch.setenv("PUMICE_CUDA_BCQ_MMA", "0")
+    model, refs = gpu_model
+    w = refs[name]
+    x16 = _inputs(name, 16, w.shape[1]).astype(np.float16).astype(np.float64)
+    y = model.linear_apply(name, x16.astype(np.float32))
+    bound = 2e-5 * (np.abs(x16) @ np.abs(w).T)
+    assert np.all(np.abs(y - x16 @ w.T) <= bound), name
 
 
 def test_lut_gemm_matches_cpu_backend(bcq_tensors, gpu_model, monkeypatch):

@@ -1,6 +1,6 @@
-// bcq_gpu.cu — `bcq` tensors on the GPU: a LUT GEMM (ShiftAddLLM / LUT-GEMM) for decode and an
-// exact dequantizer to f16 for the prefill GEMM. Design, measurements and reasons: docs/BCQ.md
-// "CUDA".
+// bcq_gpu.cu — `bcq` tensors on the GPU: a LUT GEMM (ShiftAddLLM / LUT-GEMM) for decode, sign
+// planes through tensor cores for 2-16 columns where exponents cover whole units, and an exact
+// dequantizer to f16 for the prefill GEMM. Design, measurements and reasons: docs/BCQ.md "CUDA".
 //
 // Layout (bcq_gpu.cuh), repacked on the host at load: rows in tiles of 16 (RowMap's tiles),
 // inputs in units of 128; planes[tile][unit][plane][row] is one uint4 holding the 128 sign bits
@@ -35,6 +35,7 @@
 #include <string>
 
 #include "cuda_common.cuh"
+#include "decode.cuh"
 #include "errors.h"
 #include "linear.h"
 #include "lut_gemm_cpu.h"
@@ -222,6 +223,135 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const LutArgs a) {
     }
 }
 
+// Two f16 signs from bits j and j + 16 of a plane word (bit set: +1, clear: -1), the low half
+// from bit j: one shift puts both bits at the halves' sign positions.
+__device__ __forceinline__ uint32_t plus_minus_one(uint32_t word, int j) {
+    return ((word << (15 - j)) & 0x80008000u) ^ 0xBC00BC00u;
+}
+
+// Tensor cores for 2-16 columns where an exponent covers whole units (g a multiple of 128): each
+// plane is an mma with its +-1 signs as A (exact in f16) over the unit, and its f32 sums are
+// scaled by the row's 2^e and accumulated, as the LUT kernel scales its look-ups.
+// Block: one row tile x NT * 8 columns, 4 warps splitting the units. Lane (g = lane / 4,
+// t = lane % 4) feeds rows g and g + 8 and owns the unit's inputs 32t..32t + 31 (word t of each
+// row's plane). In k-tile i its A pairs are inputs (2i, 2i + 16) and (2i + 1, 2i + 17) of that
+// run, and its B fragments the same inputs, gathered from the run's activations.
+template <int NT>
+__global__ void __launch_bounds__(kThreads) bcq_mma_kernel(const LutArgs a) {
+    __shared__ float red[kWarps][kTileRows][NT * 8];
+    const Layout &l = a.layout;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int64_t tile = blockIdx.x;
+    const int col0 = static_cast<int>(blockIdx.y) * NT * 8;
+    const uint32_t *plane_words = reinterpret_cast<const uint32_t *>(a.planes);
+    const int8_t *exps = reinterpret_cast<const int8_t *>(a.exps);
+
+    const __half *xrow[NT];
+    bool xvalid[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int n = col0 + nt * 8 + g;
+        xvalid[nt] = n < a.n_cols;
+        xrow[nt] = a.x + static_cast<int64_t>(xvalid[nt] ? n : 0) * a.ldx + 32 * t;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+
+    for (int64_t u = warp; u < l.units; u += kWarps) {
+        uint32_t signs_g[kMaxPlanes], signs_g8[kMaxPlanes];
+        int e_g[kMaxPlanes], e_g8[kMaxPlanes];
+#pragma unroll
+        for (int p = 0; p < kMaxPlanes; ++p) {
+            if (p < l.q) {
+                const int64_t w0 = l.word(tile, u, p, g), w8 = l.word(tile, u, p, g + 8);
+                signs_g[p] = __ldg(plane_words + w0 * 4 + t);
+                signs_g8[p] = __ldg(plane_words + w8 * 4 + t);
+                e_g[p] = __ldg(exps + w0);
+                e_g8[p] = __ldg(exps + w8);
+            }
+        }
+        uint32_t b[8][NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            uint32_t r[16];
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                const uint4 v = xvalid[nt] ? *reinterpret_cast<const uint4 *>(xrow[nt] + u * kUnit + 8 * m)
+                                           : make_uint4(0u, 0u, 0u, 0u);
+                r[4 * m] = v.x;
+                r[4 * m + 1] = v.y;
+                r[4 * m + 2] = v.z;
+                r[4 * m + 3] = v.w;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                b[i][nt][0] = __byte_perm(r[i], r[i + 8], 0x5410);  // inputs 2i, 2i + 16
+                b[i][nt][1] = __byte_perm(r[i], r[i + 8], 0x7632);  // inputs 2i + 1, 2i + 17
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < kMaxPlanes; ++p) {
+            if (p >= l.q) break;
+            float c[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) c[nt][e] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const uint32_t A[4] = {plus_minus_one(signs_g[p], 2 * i), plus_minus_one(signs_g8[p], 2 * i),
+                                       plus_minus_one(signs_g[p], 2 * i + 1), plus_minus_one(signs_g8[p], 2 * i + 1)};
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_16816(c[nt], A, b[i][nt]);
+            }
+            // 2^e as a float: exponents lie in [-64, 63].
+            const float s_g = __uint_as_float(static_cast<unsigned>(e_g[p] + 127) << 23);
+            const float s_g8 = __uint_as_float(static_cast<unsigned>(e_g8[p] + 127) << 23);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                acc[nt][0] += c[nt][0] * s_g;
+                acc[nt][1] += c[nt][1] * s_g;
+                acc[nt][2] += c[nt][2] * s_g8;
+                acc[nt][3] += c[nt][3] * s_g8;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        red[warp][g][nt * 8 + 2 * t] = acc[nt][0];
+        red[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
+        red[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
+        red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileRows * NT * 8; i += kThreads) {
+        const int r = i % kTileRows, c = i / kTileRows, col = col0 + c;
+        const int64_t n = tile * kTileRows + r;
+        if (col < a.n_cols && n < l.n) {
+            float y = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) y += red[w][r][c];
+            a.out[col * a.ldo + a.map(n)] = y * a.scales[n];
+        }
+    }
+}
+
+// The tensor-core path where it applies: 2-16 columns (PUMICE_CUDA_BCQ_MMA=0: never, for
+// comparisons), one exponent per unit, activations 16-byte aligned.
+bool launch_mma(const LutArgs &a, cudaStream_t stream) {
+    if (a.n_cols < 2 || a.layout.spu != 1 || env_is("PUMICE_CUDA_BCQ_MMA", "0")) return false;
+    if (a.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0) return false;
+    const int nt = a.n_cols > 8 ? 2 : 1;
+    const dim3 grid(static_cast<unsigned>(a.layout.tiles), static_cast<unsigned>((a.n_cols + 8 * nt - 1) / (8 * nt)));
+    if (nt == 2) bcq_mma_kernel<2><<<grid, kThreads, 0, stream>>>(a);
+    else bcq_mma_kernel<1><<<grid, kThreads, 0, stream>>>(a);
+    return true;
+}
+
 template <int NC, int SPU> void launch_lut(const LutArgs &a, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(a.layout.tiles), static_cast<unsigned>((a.n_cols + NC - 1) / NC));
     lut_gemm_kernel<NC, SPU><<<grid, kThreads, table_bytes<NC>(), stream>>>(a);
@@ -358,6 +488,10 @@ public:
         a.out = out;
         a.ldo = ldo;
         a.map = map;
+        if (launch_mma(a, stream)) {
+            PUMICE_CUDA_CHECK_LAUNCH("bcq mma gemm");
+            return;
+        }
         switch (l_.spu) {
             case 1: launch_lut_spu<1>(a, stream); break;
             case 2: launch_lut_spu<2>(a, stream); break;
