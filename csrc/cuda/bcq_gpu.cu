@@ -340,10 +340,11 @@ __global__ void __launch_bounds__(kThreads) bcq_mma_kernel(const LutArgs a) {
     }
 }
 
-// The tensor-core path where it applies: 2-16 columns (PUMICE_CUDA_BCQ_MMA=0: never, for
-// comparisons), one exponent per unit, activations 16-byte aligned.
+// The tensor-core path where it applies: 2-16 columns (PUMICE_CUDA_BCQ_MMA=0: never, =all: 1-16,
+// for comparisons), one exponent per unit, activations 16-byte aligned.
 bool launch_mma(const LutArgs &a, cudaStream_t stream) {
-    if (a.n_cols < 2 || a.layout.spu != 1 || env_is("PUMICE_CUDA_BCQ_MMA", "0")) return false;
+    const int min_cols = env_is("PUMICE_CUDA_BCQ_MMA", "0") ? 17 : env_is("PUMICE_CUDA_BCQ_MMA", "all") ? 1 : 2;
+    if (a.n_cols < min_cols || a.layout.spu != 1) return false;
     if (a.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0) return false;
     const int nt = a.n_cols > 8 ? 2 : 1;
     const dim3 grid(static_cast<unsigned>(a.layout.tiles), static_cast<unsigned>((a.n_cols + 8 * nt - 1) / (8 * nt)));
