@@ -116,6 +116,22 @@ template <int SPU> __device__ __forceinline__ ExpBytes<SPU> load_exps(const uint
     return e;
 }
 
+// The tile's outputs: each the sum of the block's P partial results in a fixed order (results do
+// not depend on timing) times the row scale, at out[col * ldo + map(n)] for columns col0..col0 + C.
+template <int P, int C>
+__device__ __forceinline__ void write_tile(const LutArgs &a, int64_t tile, int col0, const float (&red)[P][C][kTileRows]) {
+    for (int i = threadIdx.x; i < C * kTileRows; i += kThreads) {
+        const int c = i / kTileRows, r = i % kTileRows, col = col0 + c;
+        const int64_t n = tile * kTileRows + r;
+        if (col < a.n_cols && n < a.layout.n) {
+            float y = 0.0f;
+#pragma unroll
+            for (int s = 0; s < P; ++s) y += red[s][c][r];
+            a.out[col * a.ldo + a.map(n)] = y * a.scales[n];
+        }
+    }
+}
+
 template <int NC, int SPU>
 __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const LutArgs a) {
     extern __shared__ float4 lut_smem[];
@@ -210,17 +226,7 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const LutArgs a) {
 #pragma unroll
     for (int c = 0; c < NC; ++c) red[slot][c][row] = acc[c];
     __syncthreads();
-    if (tid < NC * kTileRows) {
-        const int c = tid / kTileRows, r = tid % kTileRows;
-        const int col = col0 + c;
-        const int64_t n = tile * kTileRows + r;
-        if (col < a.n_cols && n < l.n) {
-            float y = 0.0f;
-#pragma unroll
-            for (int s = 0; s < kSlots; ++s) y += red[s][c][r];
-            a.out[col * a.ldo + a.map(n)] = y * a.scales[n];
-        }
-    }
+    write_tile(a, tile, col0, red);
 }
 
 // Two f16 signs from bits j and j + 16 of a plane word (bit set: +1, clear: -1), the low half
@@ -238,7 +244,7 @@ __device__ __forceinline__ uint32_t plus_minus_one(uint32_t word, int j) {
 // run, and its B fragments the same inputs, gathered from the run's activations.
 template <int NT>
 __global__ void __launch_bounds__(kThreads) bcq_mma_kernel(const LutArgs a) {
-    __shared__ float red[kWarps][kTileRows][NT * 8];
+    __shared__ float red[kWarps][NT * 8][kTileRows];
     const Layout &l = a.layout;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int64_t tile = blockIdx.x;
@@ -322,22 +328,13 @@ __global__ void __launch_bounds__(kThreads) bcq_mma_kernel(const LutArgs a) {
 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-        red[warp][g][nt * 8 + 2 * t] = acc[nt][0];
-        red[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
-        red[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
-        red[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
+        red[warp][nt * 8 + 2 * t][g] = acc[nt][0];
+        red[warp][nt * 8 + 2 * t + 1][g] = acc[nt][1];
+        red[warp][nt * 8 + 2 * t][g + 8] = acc[nt][2];
+        red[warp][nt * 8 + 2 * t + 1][g + 8] = acc[nt][3];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < kTileRows * NT * 8; i += kThreads) {
-        const int r = i % kTileRows, c = i / kTileRows, col = col0 + c;
-        const int64_t n = tile * kTileRows + r;
-        if (col < a.n_cols && n < l.n) {
-            float y = 0.0f;
-#pragma unroll
-            for (int w = 0; w < kWarps; ++w) y += red[w][r][c];
-            a.out[col * a.ldo + a.map(n)] = y * a.scales[n];
-        }
-    }
+    write_tile(a, tile, col0, red);
 }
 
 // The tensor-core path where it applies: 2-16 columns (PUMICE_CUDA_BCQ_MMA=0: never, =all: 1-16,
